@@ -37,11 +37,14 @@ def _build_tokenizer(vocab_size: int):
                                    eos_token="</s>", pad_token="<pad>")
 
 
-def make_tiny_llama(path: str, num_layers: int = 3, hidden_size: int = 64,
+def make_tiny_llama(path: str, num_layers: int = 3, hidden_size: int = 128,
                     num_heads: int = 4, num_kv_heads: int = 2, vocab_size: int = 1024,
-                    intermediate_size: int = 128, max_position_embeddings: int = 1024,
-                    qk_std: float = 0.25, seed: int = 0, overwrite: bool = False) -> str:
+                    intermediate_size: int = 256, max_position_embeddings: int = 1024,
+                    qk_std: float = 0.1, seed: int = 0, overwrite: bool = False) -> str:
     """Write a random float32 Llama model and its tokenizer to ``path``.
+
+    head_dim = hidden_size // num_heads must be one vLLM's CPU attention
+    supports (32, 64, 80, 96, 112, 128, ...; not 16).
 
     Returns ``path``. An existing model with the same settings is reused
     unless ``overwrite`` is set.
