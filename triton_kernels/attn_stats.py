@@ -1,0 +1,608 @@
+"""Attention statistics (SPEC section 2) over vLLM's paged K cache, in Triton.
+
+For each request ``b`` with ``L_b`` keys and each query head ``h`` (reading kv
+head ``h // (H // H_kv)``)::
+
+    s_hk = scale * <q_h, k_k>,   P_hk = softmax_k(s_hk)
+    e_h  = -sum_k P_hk log2 P_hk
+    attn_entropy    = mean_h e_h
+    attn_varentropy = mean_h (e_h - attn_entropy)^2
+    agreement       = mean_{h,k} |P_hk - mean_h' P_h'k|
+    interaction_strength = mean_{h,k} |s_hk|
+
+Two passes over the keys; nothing of size ``B x H x L`` is ever written.
+
+Pass 1 (:func:`head_stats`, kernel ``_head_partials_kernel``), grid
+``(splits, H_kv, B)``: each program takes one request, one kv head (all the
+query heads that read it) and one contiguous split of the request's keys. It
+walks the split in tiles of ``BLOCK_N1`` keys gathered through the block table
+(any block size, any strides) and keeps, per query head, an online softmax:
+the running max ``m`` and the max-shifted moments ``S0 = sum e^(s-m)``,
+``S1 = sum (s-m) e^(s-m)`` (rescaled when ``m`` grows, every ``-inf`` case
+guarded), plus ``sum |s|``. It writes these four partials, then bumps a
+per-request arrival counter; the program that arrives last merges the
+request's partials (in a fixed order, so the result does not depend on which
+program is last) into per-head ``lse`` (natural log), ``e_h`` (bits) and
+``sum_k |s_hk|``, and writes attn_entropy, attn_varentropy and
+interaction_strength of the request.
+
+Pass 2 (:func:`agreement_abs_sum`, kernel ``_agreement_kernel``), grid
+``(splits, B)``: each program takes one request and one split of its keys and
+recomputes, per tile, the scores of *all* heads at once: the K tile of every
+kv head is loaded as one ``[H_kv * BLOCK_N2, D]`` block and multiplied by the
+request's whole ``[H, D]`` query block (one ``tl.dot``; the entries pairing a
+query head with a kv head it does not read are masked away). With the global
+``lse`` from pass 1 it forms ``P_hk``, the mean attention row ``Pbar_k`` and
+sums ``|P_hk - Pbar_k|``. Per-program sums go to a small ``[B, splits]``
+buffer; the last program of each request (arrival counter again) adds them up
+in a fixed order and writes ``agreement``. Pass 2 runs its programs in the
+reverse order of pass 1 so that the keys pass 1 read last (still in L2) are
+read first.
+
+No host synchronisation: no ``.item()``, no Python loop over requests. The
+grid is sized from ``max_seq_len`` when the caller knows it (vLLM's attention
+metadata has it as a Python int), else from the upper bound
+``block_table.shape[1] * block_size``; programs past a request's length exit at
+once. ``max_seq_len`` must be at least ``max(seq_lens)``: keys past it (and
+past the block table's capacity) are ignored.
+
+Tensor parallelism (not wired up yet; the pieces are here). With the heads of
+the layer spread over ranks (each rank holds ``H/tp`` query heads and the kv
+heads they read), every figure of SPEC section 2 is over all heads:
+
+1. each rank: ``hs = head_stats(q_local, k_local, ...)``: per local head
+   ``lse``, ``entropy`` (bits) and ``abs_sum`` (``[B, H/tp]``); softmax is per
+   head, so the local ``lse`` is already the global one;
+2. each rank: ``row = attention_row_sum(..., hs.lse)`` (``[B, max_seq_len]``,
+   sum over the local heads of ``P_hk``); all-reduce(SUM) it and divide by
+   ``H``: the mean attention row over all heads;
+3. each rank: ``agr = agreement_abs_sum(..., hs.lse, row_mean=row)``
+   (``[B]``, ``sum |P_hk - Pbar_k|`` over its heads); all-reduce(SUM);
+4. all-gather ``hs.entropy`` and ``hs.abs_sum`` along the head axis and call
+   :func:`combine` to get the figures (identical on every rank).
+
+The single-rank entry point :func:`paged_attention_stats` fuses step 2 into
+step 3 (the mean row over all heads is formed in registers per tile) and
+step 4 into pass 1.
+
+Works on CUDA tensors, and on CPU tensors under the Triton interpreter
+(``TRITON_INTERPRET=1`` set before this module is imported). fp32, fp16 and
+bf16 queries and caches; quantized (fp8) caches are refused with a TypeError.
+When the query and the cache share a 16-bit dtype the scores use the tensor
+cores (exact products, fp32 accumulation); otherwise both are taken to fp32
+and multiplied in IEEE fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from entropix_vllm.reference import AttnStats
+
+__all__ = [
+    "paged_attention_stats",
+    "head_stats",
+    "attention_row_sum",
+    "agreement_abs_sum",
+    "combine",
+    "HeadStats",
+]
+
+LN2 = math.log(2.0)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------
+@triton.jit
+def _online_update(m, s0, s1, a, s, valid):
+    """Fold a tile of scores ``s [R, N]`` (entries where ``valid``) into the
+    running per-row max ``m`` and shifted moments ``s0, s1`` and ``sum |s|``."""
+    neg_inf = float("-inf")
+    m_new = tl.maximum(m, tl.max(tl.where(valid, s, neg_inf), axis=1))
+    m_ref = tl.where(m_new == neg_inf, 0.0, m_new)
+    d = tl.where(valid, s - m_ref[:, None], 0.0)
+    e = tl.where(valid, tl.exp(d), 0.0)
+    had = m > neg_inf
+    alpha = tl.where(had, tl.exp(m - m_ref), 0.0)
+    shift = tl.where(had, m - m_ref, 0.0)
+    s1 = alpha * (s1 + shift * s0) + tl.sum(d * e, axis=1)
+    s0 = alpha * s0 + tl.sum(e, axis=1)
+    a = a + tl.sum(tl.where(valid, tl.abs(s), 0.0), axis=1)
+    return m_new, s0, s1, a
+
+
+@triton.jit
+def _merge_partials(M, S0, S1, A, mp, s0p, s1p, ap, ok):
+    """Fold partials ``[C, H]`` (rows where ``ok``) into per-head
+    ``M, S0, S1, A`` (``[H]``); ``mp`` holds ``-inf`` where not ``ok``."""
+    neg_inf = float("-inf")
+    M_new = tl.maximum(M, tl.max(mp, axis=0))
+    M_ref = tl.where(M_new == neg_inf, 0.0, M_new)
+    live = ok & (mp > neg_inf)
+    dm = tl.where(live, mp - M_ref[None, :], 0.0)
+    w = tl.where(live, tl.exp(dm), 0.0)
+    had = M > neg_inf
+    alpha = tl.where(had, tl.exp(M - M_ref), 0.0)
+    shift = tl.where(had, M - M_ref, 0.0)
+    S1 = alpha * (S1 + shift * S0) + tl.sum(w * (s1p + dm * s0p), axis=0)
+    S0 = alpha * S0 + tl.sum(w * s0p, axis=0)
+    A = A + tl.sum(tl.where(ok, ap, 0.0), axis=0)
+    return M_new, S0, S1, A
+
+
+@triton.jit
+def _head_partials_kernel(
+    q_ptr, k_ptr, bt_ptr, len_ptr,
+    part_ptr,  # float32 [4, B, NS, H]: m, S0, S1, sum|s| per split
+    cnt_ptr,  # int32 [B], zeroed
+    head_ptr,  # float32 [3, B, H]: lse (nats), entropy (bits), sum|s|
+    out_ptr,  # float32 [4, B]: attn_entropy, attn_varentropy, (agreement), IS
+    scale, B, H, NS, KPS, L_CAP,
+    sq_b, sq_h, sq_d,
+    sk_n, sk_p, sk_h, sk_d,
+    sbt_b, sbt_n,
+    G: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, G_PAD: tl.constexpr, H_PAD: tl.constexpr,
+    S_CHUNK: tl.constexpr, HALF_DOT: tl.constexpr,
+):
+    sid = tl.program_id(0)
+    g = tl.program_id(1)
+    b = tl.program_id(2)
+    L = tl.load(len_ptr + b).to(tl.int32)
+    L = tl.minimum(tl.maximum(L, 0), L_CAP)
+    start = sid * KPS
+    if start < L:
+        end = tl.minimum(start + KPS, L)
+        rows = tl.arange(0, G_PAD)
+        row_ok = rows < G
+        h = g * G + rows
+        d = tl.arange(0, D_PAD)
+        d_ok = d < D
+        qv = tl.load(q_ptr + b.to(tl.int64) * sq_b + h[:, None] * sq_h + d[None, :] * sq_d,
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if HALF_DOT:
+            qv = qv.to(k_ptr.dtype.element_ty)
+        else:
+            qv = qv.to(tl.float32)
+        m = tl.full([G_PAD], float("-inf"), tl.float32)
+        s0 = tl.zeros([G_PAD], tl.float32)
+        s1 = tl.zeros([G_PAD], tl.float32)
+        a = tl.zeros([G_PAD], tl.float32)
+        bt_row = bt_ptr + b.to(tl.int64) * sbt_b
+        kh_ptr = k_ptr + g.to(tl.int64) * sk_h
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = n < end
+            blk = tl.load(bt_row + (n // BS) * sbt_n, mask=n_ok, other=0).to(tl.int64)
+            koff = blk * sk_n + (n % BS).to(tl.int64) * sk_p
+            kv = tl.load(kh_ptr + koff[:, None] + d[None, :] * sk_d,
+                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            if HALF_DOT:
+                s = tl.dot(qv, tl.trans(kv))
+            else:
+                s = tl.dot(qv, tl.trans(kv.to(tl.float32)), input_precision="ieee")
+            s = s * scale
+            valid = row_ok[:, None] & n_ok[None, :]
+            m, s0, s1, a = _online_update(m, s0, s1, a, s, valid)
+
+        plane = B * NS * H
+        poff = (b * NS + sid) * H + h
+        tl.store(part_ptr + poff, m, mask=row_ok)
+        tl.store(part_ptr + plane + poff, s0, mask=row_ok)
+        tl.store(part_ptr + 2 * plane + poff, s1, mask=row_ok)
+        tl.store(part_ptr + 3 * plane + poff, a, mask=row_ok)
+        tl.debug_barrier()
+        n_split = tl.cdiv(L, KPS)
+        prev = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel")
+        if prev == n_split * (H // G) - 1:
+            # Last program of this request: merge its partials, in split order.
+            hh = tl.arange(0, H_PAD)
+            h_ok = hh < H
+            M = tl.full([H_PAD], float("-inf"), tl.float32)
+            S0 = tl.zeros([H_PAD], tl.float32)
+            S1 = tl.zeros([H_PAD], tl.float32)
+            A = tl.zeros([H_PAD], tl.float32)
+            for c0 in range(0, n_split, S_CHUNK):
+                ss = c0 + tl.arange(0, S_CHUNK)
+                ok = (ss < n_split)[:, None] & h_ok[None, :]
+                off = (b * NS + ss)[:, None] * H + hh[None, :]
+                mp = tl.load(part_ptr + off, mask=ok, other=float("-inf"), volatile=True)
+                s0p = tl.load(part_ptr + plane + off, mask=ok, other=0.0, volatile=True)
+                s1p = tl.load(part_ptr + 2 * plane + off, mask=ok, other=0.0, volatile=True)
+                ap = tl.load(part_ptr + 3 * plane + off, mask=ok, other=0.0, volatile=True)
+                M, S0, S1, A = _merge_partials(M, S0, S1, A, mp, s0p, s1p, ap, ok)
+            S0_safe = tl.where(h_ok, S0, 1.0)
+            log_s0 = tl.log(S0_safe)
+            lse = tl.where(h_ok, M, 0.0) + log_s0
+            ent = tl.where(h_ok, (log_s0 - S1 / S0_safe) * 1.4426950408889634, 0.0)
+            hb = head_ptr + b * H + hh
+            tl.store(hb, lse, mask=h_ok)
+            tl.store(hb + B * H, ent, mask=h_ok)
+            tl.store(hb + 2 * B * H, A, mask=h_ok)
+            Hf = H * 1.0
+            ae = tl.sum(ent, axis=0) / Hf
+            dev = tl.where(h_ok, ent - ae, 0.0)
+            av = tl.sum(dev * dev, axis=0) / Hf
+            is_ = tl.sum(tl.where(h_ok, A, 0.0), axis=0) / (Hf * L)
+            tl.store(out_ptr + b, ae)
+            tl.store(out_ptr + B + b, av)
+            tl.store(out_ptr + 3 * B + b, is_)
+
+
+@triton.jit
+def _agreement_kernel(
+    q_ptr, k_ptr, bt_ptr, len_ptr, lse_ptr, row_ptr,
+    part_ptr,  # float32 [B, NS]: per-program sums of |P - Pbar|
+    cnt_ptr,  # int32 [B], zeroed
+    res_ptr,  # float32 [B]: agreement (NORMALIZE) or the raw sum
+    scale, B, H, NS, KPS, L_CAP, H_ROW,
+    sq_b, sq_h, sq_d,
+    sk_n, sk_p, sk_h, sk_d,
+    sbt_b, sbt_n, slse_b, slse_h, srow_b,
+    G: tl.constexpr, HKV: tl.constexpr, HKV_PAD: tl.constexpr, BS: tl.constexpr,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr,
+    S_CHUNK: tl.constexpr, HALF_DOT: tl.constexpr, MODE: tl.constexpr,
+    REVERSE: tl.constexpr, NORMALIZE: tl.constexpr,
+):
+    # MODE 0: Pbar = (sum over these heads of P) / H_ROW, accumulate |P - Pbar|.
+    # MODE 1: write the sum over these heads of P to row[b, k]; nothing else.
+    # MODE 2: Pbar = row[b, k] (given), accumulate |P - Pbar|.
+    pid_s = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    if REVERSE:
+        sid = NS - 1 - pid_s
+        b = B - 1 - pid_b
+    else:
+        sid = pid_s
+        b = pid_b
+    L = tl.load(len_ptr + b).to(tl.int32)
+    L = tl.minimum(tl.maximum(L, 0), L_CAP)
+    start = sid * KPS
+    if start < L:
+        end = tl.minimum(start + KPS, L)
+        hh = tl.arange(0, H_PAD)
+        h_ok = hh < H
+        d = tl.arange(0, D_PAD)
+        d_ok = d < D
+        qv = tl.load(q_ptr + b.to(tl.int64) * sq_b + hh[:, None] * sq_h + d[None, :] * sq_d,
+                     mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+        if HALF_DOT:
+            qv = qv.to(k_ptr.dtype.element_ty)
+        else:
+            qv = qv.to(tl.float32)
+        lse = tl.load(lse_ptr + b.to(tl.int64) * slse_b + hh * slse_h, mask=h_ok, other=0.0)
+        # Rows of the K tile: r = g * BLOCK_N + j (kv head g, key n0 + j).
+        r = tl.arange(0, HKV_PAD * BLOCK_N)
+        r_g = r // BLOCK_N
+        r_j = r % BLOCK_N
+        gsel = (tl.arange(0, HKV_PAD)[None, :, None] == (hh // G)[:, None, None]) \
+            & h_ok[:, None, None]
+        bt_row = bt_ptr + b.to(tl.int64) * sbt_b
+        row_b = row_ptr + b.to(tl.int64) * srow_b
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        n_tiles = tl.cdiv(end - start, BLOCK_N)
+        for t in range(0, n_tiles):
+            if REVERSE:
+                n0 = start + (n_tiles - 1 - t) * BLOCK_N
+            else:
+                n0 = start + t * BLOCK_N
+            nr = n0 + r_j
+            r_ok = (nr < end) & (r_g < HKV)
+            blk = tl.load(bt_row + (nr // BS) * sbt_n, mask=r_ok, other=0).to(tl.int64)
+            koff = blk * sk_n + (nr % BS).to(tl.int64) * sk_p + r_g.to(tl.int64) * sk_h
+            kv = tl.load(k_ptr + koff[:, None] + d[None, :] * sk_d,
+                         mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+            if HALF_DOT:
+                sf = tl.dot(qv, tl.trans(kv))
+            else:
+                sf = tl.dot(qv, tl.trans(kv.to(tl.float32)), input_precision="ieee")
+            s3 = tl.reshape(sf, (H_PAD, HKV_PAD, BLOCK_N))
+            s = tl.sum(tl.where(gsel, s3, 0.0), axis=1) * scale  # [H_PAD, BLOCK_N]
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = n < end
+            valid = h_ok[:, None] & n_ok[None, :]
+            p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+            if MODE == 1:
+                tl.store(row_b + n, tl.sum(p, axis=0), mask=n_ok)
+            else:
+                if MODE == 0:
+                    pbar = tl.sum(p, axis=0) / H_ROW
+                else:
+                    pbar = tl.load(row_b + n, mask=n_ok, other=0.0)
+                acc += tl.sum(tl.where(valid, tl.abs(p - pbar[None, :]), 0.0), axis=0)
+        if MODE != 1:
+            tl.store(part_ptr + b * NS + sid, tl.sum(acc, axis=0))
+            tl.debug_barrier()
+            n_split = tl.cdiv(L, KPS)
+            prev = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel")
+            if prev == n_split - 1:
+                tot = tl.zeros([S_CHUNK], tl.float32)
+                for c0 in range(0, n_split, S_CHUNK):
+                    ss = c0 + tl.arange(0, S_CHUNK)
+                    tot += tl.load(part_ptr + b * NS + ss, mask=ss < n_split, other=0.0,
+                                   volatile=True)
+                total = tl.sum(tot, axis=0)
+                if NORMALIZE:
+                    total = total / (H_ROW * L)
+                tl.store(res_ptr + b, total)
+
+
+# ----------------------------------------------------------------------------
+# Launch planning
+# ----------------------------------------------------------------------------
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: Optional[int]) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+@dataclass(frozen=True)
+class _Plan:
+    B: int
+    H: int
+    HKV: int
+    G: int
+    D: int
+    BS: int
+    L_CAP: int
+    bound: int
+    half_dot: bool
+    D_PAD: int
+    G_PAD: int
+    H_PAD: int
+    HKV_PAD: int
+    block_n1: int
+    kps1: int
+    ns1: int
+    block_n2: int
+    kps2: int
+    ns2: int
+    num_warps1: int
+    num_warps2: int
+    num_stages1: int
+    num_stages2: int
+    reverse: bool
+
+
+def _check_inputs(q, key_cache, block_table, seq_lens):
+    if key_cache.dtype not in _FLOAT_DTYPES:
+        if "float8" in str(key_cache.dtype) or key_cache.dtype in (torch.uint8, torch.int8):
+            raise TypeError(
+                f"key_cache: quantized (fp8) KV caches are not supported by the attention "
+                f"statistics kernel; got dtype {key_cache.dtype} (use kv_cache_dtype='auto', "
+                f"i.e. float32, float16 or bfloat16)")
+        raise TypeError(f"key_cache: expected float32, float16 or bfloat16, got {key_cache.dtype}")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"q: expected float32, float16 or bfloat16, got {q.dtype}")
+    if q.dim() != 3:
+        raise ValueError(f"q: expected [B, H, D], got shape {tuple(q.shape)}")
+    if key_cache.dim() != 4:
+        raise ValueError("key_cache: expected [num_blocks, block_size, H_kv, D], got shape "
+                         f"{tuple(key_cache.shape)}")
+    B, H, D = q.shape
+    _, BS, HKV, Dk = key_cache.shape
+    if Dk != D:
+        raise ValueError(f"key_cache head size {Dk} != query head size {D}")
+    if HKV < 1 or H % HKV != 0:
+        raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({HKV})")
+    if block_table.dim() != 2 or block_table.shape[0] != B:
+        raise ValueError(f"block_table: expected [{B}, max_blocks], got {tuple(block_table.shape)}")
+    if block_table.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"block_table: expected int32 or int64, got {block_table.dtype}")
+    if seq_lens.dim() != 1 or seq_lens.shape[0] != B:
+        raise ValueError(f"seq_lens: expected [{B}], got {tuple(seq_lens.shape)}")
+    if seq_lens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"seq_lens: expected int32 or int64, got {seq_lens.dtype}")
+    dev = q.device
+    for name, t in (("key_cache", key_cache), ("block_table", block_table), ("seq_lens", seq_lens)):
+        if t.device != dev:
+            raise ValueError(f"{name} is on {t.device}, q on {dev}")
+    if dev.type != "cuda" and not _interpreting():
+        raise RuntimeError("triton attention statistics need CUDA tensors (or TRITON_INTERPRET=1 "
+                           "set before triton_kernels is imported, for CPU tensors)")
+
+
+def _plan(q, key_cache, block_table, seq_lens, max_seq_len=None, *, block_n1=None,
+          keys_per_split1=None, block_n2=None, keys_per_split2=None, num_warps1=None,
+          num_warps2=None, num_stages1=None, num_stages2=None, reverse=True,
+          half_dot=None) -> _Plan:
+    _check_inputs(q, key_cache, block_table, seq_lens)
+    B, H, D = q.shape
+    BS, HKV = key_cache.shape[1], key_cache.shape[2]
+    G = H // HKV
+    capacity = block_table.shape[1] * BS
+    bound = capacity if max_seq_len is None else max(1, min(int(max_seq_len), capacity))
+    bound = max(bound, 1)
+    if half_dot is None:
+        half_dot = (q.is_cuda and q.dtype == key_cache.dtype and q.dtype in _HALF_DTYPES)
+    D_PAD = max(16, _pow2(D))
+    G_PAD = max(16, _pow2(G))
+    H_PAD = max(16, _pow2(H))
+    HKV_PAD = _pow2(HKV)
+    sms = _num_sms(q.device.index) if q.is_cuda else 1
+
+    bn1 = block_n1 or (64 if D_PAD <= 128 else 32)
+    if keys_per_split1:
+        kps1 = _round_up(int(keys_per_split1), bn1)
+    else:
+        ns = max(1, min(64, -(-4 * sms // (B * HKV))))
+        kps1 = _round_up(-(-bound // ns), bn1)
+    ns1 = -(-bound // kps1)
+
+    bn2 = block_n2 or max(16, 128 // HKV_PAD)
+    if keys_per_split2:
+        kps2 = _round_up(int(keys_per_split2), bn2)
+    else:
+        ns = max(1, min(1024, -(-4 * sms // B)))
+        kps2 = _round_up(-(-bound // ns), bn2)
+    ns2 = -(-bound // kps2)
+    return _Plan(B=B, H=H, HKV=HKV, G=G, D=D, BS=BS, L_CAP=bound, bound=bound,
+                 half_dot=bool(half_dot), D_PAD=D_PAD, G_PAD=G_PAD, H_PAD=H_PAD,
+                 HKV_PAD=HKV_PAD, block_n1=bn1, kps1=kps1, ns1=ns1, block_n2=bn2, kps2=kps2,
+                 ns2=ns2, num_warps1=num_warps1 or 4, num_warps2=num_warps2 or 4,
+                 num_stages1=num_stages1 or 3, num_stages2=num_stages2 or 2,
+                 reverse=bool(reverse))
+
+
+def _launch_pass1(p: _Plan, q, key_cache, block_table, seq_lens, scale, cnt, head, out):
+    part = torch.empty((4, p.B, p.ns1, p.H), dtype=torch.float32, device=q.device)
+    grid = (p.ns1, p.HKV, p.B)
+    _head_partials_kernel[grid](
+        q, key_cache, block_table, seq_lens, part, cnt, head, out,
+        float(scale), p.B, p.H, p.ns1, p.kps1, p.L_CAP,
+        q.stride(0), q.stride(1), q.stride(2),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), key_cache.stride(3),
+        block_table.stride(0), block_table.stride(1),
+        G=p.G, BS=p.BS, BLOCK_N=p.block_n1, D=p.D, D_PAD=p.D_PAD, G_PAD=p.G_PAD,
+        H_PAD=p.H_PAD, S_CHUNK=16, HALF_DOT=p.half_dot,
+        num_warps=p.num_warps1, num_stages=p.num_stages1,
+    )
+
+
+def _launch_pass2(p: _Plan, q, key_cache, block_table, seq_lens, scale, lse, row, cnt, res,
+                  mode: int, h_row: float, normalize: bool):
+    part = torch.empty((p.B, p.ns2), dtype=torch.float32, device=q.device)
+    if row is None:
+        row_arg, srow = part, 0
+    else:
+        row_arg, srow = row, row.stride(0)
+    grid = (p.ns2, p.B)
+    _agreement_kernel[grid](
+        q, key_cache, block_table, seq_lens, lse, row_arg, part, cnt, res,
+        float(scale), p.B, p.H, p.ns2, p.kps2, p.L_CAP, float(h_row),
+        q.stride(0), q.stride(1), q.stride(2),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), key_cache.stride(3),
+        block_table.stride(0), block_table.stride(1), lse.stride(0), lse.stride(1), srow,
+        G=p.G, HKV=p.HKV, HKV_PAD=p.HKV_PAD, BS=p.BS, BLOCK_N=p.block_n2, D=p.D,
+        D_PAD=p.D_PAD, H_PAD=p.H_PAD, S_CHUNK=128, HALF_DOT=p.half_dot, MODE=mode,
+        REVERSE=p.reverse, NORMALIZE=normalize,
+        num_warps=p.num_warps2, num_stages=p.num_stages2,
+    )
+
+
+# ----------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------
+def paged_attention_stats(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
+                          seq_lens: torch.Tensor, scale: float,
+                          max_seq_len: Optional[int] = None, **tuning) -> AttnStats:
+    """The four figures of SPEC section 2 per request (float32 ``[B]`` each).
+
+    q ``[B, H, D]``; key_cache ``[num_blocks, block_size, H_kv, D]`` (any
+    strides); block_table ``[B, max_blocks]`` int32/int64; seq_lens ``[B]``
+    int32/int64 (a row with 0 keys gives zeros); ``scale`` the model's softmax
+    scale. ``max_seq_len`` (optional Python int >= max(seq_lens)) sizes the
+    grid; without it the grid covers ``block_table.shape[1] * block_size``
+    keys. ``tuning`` overrides launch parameters (``block_n1``,
+    ``keys_per_split1``, ``block_n2``, ``keys_per_split2``, ``num_warps1/2``,
+    ``num_stages1/2``, ``reverse``, ``half_dot``); for tests and benchmarks.
+    """
+    p = _plan(q, key_cache, block_table, seq_lens, max_seq_len, **tuning)
+    dev = q.device
+    if p.B == 0:
+        return AttnStats.zeros(0, device=dev)
+    # One zeroed buffer: 4*B float32 outputs (0 bits = 0.0) and 2*B counters.
+    buf = torch.zeros(6 * p.B, dtype=torch.int32, device=dev)
+    out = buf[: 4 * p.B].view(torch.float32).view(4, p.B)
+    cnt = buf[4 * p.B:].view(2, p.B)
+    head = torch.empty((3, p.B, p.H), dtype=torch.float32, device=dev)
+    _launch_pass1(p, q, key_cache, block_table, seq_lens, scale, cnt[0], head, out)
+    _launch_pass2(p, q, key_cache, block_table, seq_lens, scale, head[0], None, cnt[1], out[2],
+                  mode=0, h_row=p.H, normalize=True)
+    return AttnStats(attn_entropy=out[0], attn_varentropy=out[1], agreement=out[2],
+                     interaction_strength=out[3])
+
+
+@dataclass
+class HeadStats:
+    """Per-head results of pass 1 (float32 ``[B, H]``; rows with 0 keys are
+    unspecified)."""
+
+    lse: torch.Tensor  # logsumexp_k s_hk (natural log)
+    entropy: torch.Tensor  # e_h, bits
+    abs_sum: torch.Tensor  # sum_k |s_hk|
+
+
+def head_stats(q, key_cache, block_table, seq_lens, scale, max_seq_len=None,
+               **tuning) -> HeadStats:
+    """Pass 1 for the heads in ``q`` / ``key_cache`` (e.g. one TP rank's)."""
+    p = _plan(q, key_cache, block_table, seq_lens, max_seq_len, **tuning)
+    dev = q.device
+    head = torch.zeros((3, p.B, p.H), dtype=torch.float32, device=dev)
+    if p.B:
+        cnt = torch.zeros(p.B, dtype=torch.int32, device=dev)
+        scratch = torch.empty((4, p.B), dtype=torch.float32, device=dev)
+        _launch_pass1(p, q, key_cache, block_table, seq_lens, scale, cnt, head, scratch)
+    return HeadStats(lse=head[0], entropy=head[1], abs_sum=head[2])
+
+
+def attention_row_sum(q, key_cache, block_table, seq_lens, scale, lse, max_seq_len=None,
+                      **tuning) -> torch.Tensor:
+    """``[B, R]`` float32, ``R = max_seq_len`` (or the block table's capacity):
+    entry ``[b, k]`` is ``sum_h P_hk`` over the heads in ``q`` for ``k < L_b``,
+    0 beyond. ``lse`` ``[B, H]`` from :func:`head_stats`."""
+    p = _plan(q, key_cache, block_table, seq_lens, max_seq_len, **tuning)
+    row = torch.zeros((p.B, p.bound), dtype=torch.float32, device=q.device)
+    if p.B:
+        _launch_pass2(p, q, key_cache, block_table, seq_lens, scale, lse, row, row, row,
+                      mode=1, h_row=1.0, normalize=False)
+    return row
+
+
+def agreement_abs_sum(q, key_cache, block_table, seq_lens, scale, lse, row_mean=None,
+                      max_seq_len=None, **tuning) -> torch.Tensor:
+    """``[B]`` float32: ``sum_{h,k} |P_hk - Pbar_k|`` over the heads in ``q``.
+
+    ``row_mean`` ``[B, >= L]``: the mean attention row over *all* heads of the
+    layer (after the all-reduce of :func:`attention_row_sum` divided by H).
+    Without it, the mean is taken over the heads in ``q`` (single rank)."""
+    p = _plan(q, key_cache, block_table, seq_lens, max_seq_len, **tuning)
+    dev = q.device
+    res = torch.zeros(p.B, dtype=torch.float32, device=dev)
+    if p.B:
+        cnt = torch.zeros(p.B, dtype=torch.int32, device=dev)
+        mode = 0 if row_mean is None else 2
+        _launch_pass2(p, q, key_cache, block_table, seq_lens, scale, lse, row_mean, cnt, res,
+                      mode=mode, h_row=p.H, normalize=False)
+    return res
+
+
+def combine(entropy: torch.Tensor, abs_sum: torch.Tensor, agreement_sum: torch.Tensor,
+            seq_lens: torch.Tensor) -> AttnStats:
+    """The figures from per-head results gathered over all heads (``[B, H]``
+    each) and the all-reduced ``agreement_abs_sum`` (``[B]``). Torch ops; rows
+    with 0 keys give zeros."""
+    H = entropy.shape[1]
+    L = seq_lens.to(torch.float32).clamp_min(0)
+    live = L > 0
+    Ls = torch.where(live, L, torch.ones_like(L))
+    ent = entropy.float()
+    ae = ent.mean(1)
+    av = ((ent - ae[:, None]) ** 2).mean(1)
+    agr = agreement_sum.float() / (H * Ls)
+    is_ = abs_sum.float().sum(1) / (H * Ls)
+    z = torch.zeros_like(ae)
+    return AttnStats(attn_entropy=torch.where(live, ae, z), attn_varentropy=torch.where(live, av, z),
+                     agreement=torch.where(live, agr, z), interaction_strength=torch.where(live, is_, z))
