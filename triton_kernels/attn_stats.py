@@ -447,7 +447,7 @@ def _plan(q, key_cache, block_table, seq_lens, max_seq_len=None, *, block_n1=Non
     if keys_per_split1:
         kps1 = _round_up(int(keys_per_split1), bn1)
     else:
-        ns = max(1, min(64, -(-4 * sms // (B * HKV))))
+        ns = max(1, min(64, -(-4 * sms // (max(B, 1) * HKV))))
         kps1 = _round_up(-(-bound // ns), bn1)
     ns1 = -(-bound // kps1)
 
@@ -455,7 +455,7 @@ def _plan(q, key_cache, block_table, seq_lens, max_seq_len=None, *, block_n1=Non
     if keys_per_split2:
         kps2 = _round_up(int(keys_per_split2), bn2)
     else:
-        ns = max(1, min(1024, -(-4 * sms // B)))
+        ns = max(1, min(1024, -(-4 * sms // max(B, 1))))
         kps2 = _round_up(-(-bound // ns), bn2)
     ns2 = -(-bound // kps2)
     return _Plan(B=B, H=H, HKV=HKV, G=G, D=D, BS=BS, L_CAP=bound, bound=bound,
