@@ -4,7 +4,8 @@ cache, default compilation) against HF transformers eager attention.
 One engine (in-process: VLLM_ENABLE_V1_MULTIPROCESSING=0), float32, chunked
 prefill with max_num_batched_tokens=64; four prompts of different lengths
 (one of 150 tokens, prefilled in chunks) batched together, 8 greedy tokens
-each. The capture is installed in the worker with ``collective_rpc``; every
+each. The capture is installed in the worker before its model runner is built
+(as the plugin does), under vLLM's default CPU compilation; every
 forward pass's figures are recorded per row with the requests of the rows, and
 each row is compared with HF eager attention at the same position: the last
 position of a prefill chunk (partial chunks included), the prompt's last
@@ -65,6 +66,10 @@ def _prompts(path, kind):
     return [ids[3 * i: 3 * i + n] for i, n in enumerate(PROMPT_LENS)]
 
 
+def _startup_state(worker):
+    return A.chosen_layer_name(), A.attention_stats_for_sampler(1, "cpu")
+
+
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -72,12 +77,33 @@ def engine(tmp_path_factory):
     os.environ.update(env)
     path, kind = _model_path(tmp_path_factory)
     from vllm import LLM
-    llm = LLM(model=path, dtype="float32", max_model_len=512, max_num_seqs=8,
-              max_num_batched_tokens=MAX_BATCHED, enable_chunked_prefill=True, seed=0)
-    assert llm.collective_rpc(A.rpc_install, args=(-1, True)) == ["ok"]
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    # Install the capture the way the plugin does: in the worker, before the
+    # model runner is built (the engine is in-process, so a class-level hook
+    # of this process reaches the worker), so that start-up runs go through it.
+    orig_init_device = CPUWorker.init_device
+
+    def init_device(self, *args, **kwargs):
+        A.install(self.vllm_config, -1)
+        return orig_init_device(self, *args, **kwargs)
+
+    CPUWorker.init_device = init_device
+    try:
+        llm = LLM(model=path, dtype="float32", max_model_len=512, max_num_seqs=8,
+                  max_num_batched_tokens=MAX_BATCHED, enable_chunked_prefill=True, seed=0)
+    finally:
+        CPUWorker.init_device = orig_init_device
+    # Start-up (profiling / warm-up) went through the wrapper, resolved the
+    # layer and left no figures behind.
+    assert llm.collective_rpc(_startup_state)[0] == (
+        f"model.layers.{llm.llm_engine.model_config.hf_config.num_hidden_layers - 1}.self_attn.attn",
+        None)
+    A.set_debug_recording(True)
     llm.collective_rpc(A.rpc_track_requests)
     yield llm, path, kind
     del llm
+    A.uninstall()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

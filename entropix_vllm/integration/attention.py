@@ -279,7 +279,8 @@ class _Capture:
 
         qsl = md.query_start_loc
         n = int(qsl.shape[0]) - 1  # a shape, not a host sync
-        if n <= 0:
+        if n <= 0 or kv_cache is None or kv_cache.dim() != 4 or kv_cache.numel() == 0:
+            # No request, or a run before the KV cache exists (start-up).
             self.num_rows = None
             return
         h_loc, d = impl.num_heads, impl.head_size
