@@ -443,7 +443,17 @@ def _plan(q, key_cache, block_table, seq_lens, max_seq_len=None, *, block_n1=Non
     HKV_PAD = _pow2(HKV)
     sms = _num_sms(q.device.index) if q.is_cuda else 1
 
-    bn1 = block_n1 or (64 if D_PAD <= 128 else 32)
+    # Tile sizes picked from register counts of sm_90 builds (no spills): the
+    # fp32 path multiplies with FMAs and needs smaller tiles / more warps.
+    wide = D_PAD <= 128
+    if half_dot:
+        bn1 = block_n1 or (64 if wide else 32)
+        rows2 = 64 if wide else 32
+        warps = 4
+    else:
+        bn1 = block_n1 or (32 if wide else 16)
+        rows2 = 64 if wide else 32
+        warps = 8
     if keys_per_split1:
         kps1 = _round_up(int(keys_per_split1), bn1)
     else:
@@ -451,7 +461,7 @@ def _plan(q, key_cache, block_table, seq_lens, max_seq_len=None, *, block_n1=Non
         kps1 = _round_up(-(-bound // ns), bn1)
     ns1 = -(-bound // kps1)
 
-    bn2 = block_n2 or max(16, 128 // HKV_PAD)
+    bn2 = block_n2 or max(rows2 // HKV_PAD, -(-16 // HKV_PAD), 1)
     if keys_per_split2:
         kps2 = _round_up(int(keys_per_split2), bn2)
     else:
@@ -461,7 +471,7 @@ def _plan(q, key_cache, block_table, seq_lens, max_seq_len=None, *, block_n1=Non
     return _Plan(B=B, H=H, HKV=HKV, G=G, D=D, BS=BS, L_CAP=bound, bound=bound,
                  half_dot=bool(half_dot), D_PAD=D_PAD, G_PAD=G_PAD, H_PAD=H_PAD,
                  HKV_PAD=HKV_PAD, block_n1=bn1, kps1=kps1, ns1=ns1, block_n2=bn2, kps2=kps2,
-                 ns2=ns2, num_warps1=num_warps1 or 4, num_warps2=num_warps2 or 4,
+                 ns2=ns2, num_warps1=num_warps1 or warps, num_warps2=num_warps2 or warps,
                  num_stages1=num_stages1 or 3, num_stages2=num_stages2 or 2,
                  reverse=bool(reverse))
 

@@ -1,0 +1,382 @@
+"""How much does the attention-statistics pass cost, next to reading the keys?
+
+For a Llama-3-8B-like layer (H=32 query heads, H_kv=8, head size 128, block
+size 16, bf16 KV cache in vLLM's FlashAttention layout: one
+``[num_blocks, H_kv, block_size, 2*D]`` tensor per layer, K taken as the strided
+view ``transpose(1, 2).split(D, -1)[0]``, blocks shuffled), and every
+combination of batch {1, 64, 256} x context {512, 4096, 32768}, this prints a
+markdown table with:
+
+* ``read K once``: the time of a plain Triton kernel that reads that layer's
+  keys of those sequences once through the block table (and sums them), the
+  floor for anything that looks at every key; with the bandwidth it reached;
+* ``stats``: ``triton_kernels.attn_stats.paged_attention_stats`` (both passes,
+  the allocations, every launch), and the ratio of the two.
+
+Times are medians of ``triton.testing.do_bench`` (the L2 cache is flushed
+before every run, launch overhead included). ``--graph`` adds GPU-only times
+measured from CUDA graphs (each run preceded by an L2 flush inside the graph,
+the flush's own time subtracted). One decode step of a whole model is not
+measured here (that needs vLLM on the GPU machine): the column says so.
+
+``--device cpu`` times, on small shapes, the ``cpp`` backend of
+``entropix_vllm.ops`` (when built) and the torch reference against a torch
+gather-and-sum read of the same keys (``--interpret`` adds the Triton kernels
+under the interpreter, which is very slow).
+
+    python benchmarks/bench_attn_stats.py                    # CUDA, full grid
+    python benchmarks/bench_attn_stats.py --sweep            # + launch-parameter variants
+    python benchmarks/bench_attn_stats.py --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--batches", default=None, help="comma list (default 1,64,256; cpu 1,4)")
+    ap.add_argument("--contexts", default=None,
+                    help="comma list (default 512,4096,32768; cpu 128,512)")
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-size", type=int, default=128)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--rep", type=int, default=200, help="do_bench rep time (ms)")
+    ap.add_argument("--graph", action="store_true", help="also GPU-only times from CUDA graphs")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time launch-parameter variants and each pass alone")
+    ap.add_argument("--no-max-seq-len", action="store_true",
+                    help="do not pass max_seq_len (grid from the block table's width)")
+    ap.add_argument("--interpret", action="store_true", help="cpu: also the Triton interpreter")
+    return ap.parse_args()
+
+
+ARGS = parse_args()
+if ARGS.device == "cpu" and ARGS.interpret:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+try:
+    import triton  # noqa: E402
+    import triton.language as tl  # noqa: E402
+except ImportError:  # cpu mode works without triton
+    triton = None
+
+from entropix_vllm import ops  # noqa: E402
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+VARIANTS = {
+    "default": {},
+    "bn1=128,w1=8": dict(block_n1=128, num_warps1=8),
+    "bn1=32": dict(block_n1=32),
+    "s1=4": dict(num_stages1=4),
+    "bn2=16,w2=8": dict(block_n2=16, num_warps2=8),
+    "bn2=16,w2=4": dict(block_n2=16, num_warps2=4),
+    "bn2=4": dict(block_n2=4),
+    "s2=3": dict(num_stages2=3),
+    "no-reverse": dict(reverse=False),
+}
+
+
+# ----------------------------------------------------------------------------
+# The baseline: read the keys once
+# ----------------------------------------------------------------------------
+if triton is not None:
+    @triton.jit
+    def _read_keys_kernel(k_ptr, bt_ptr, len_ptr, out_ptr, NS, KPS,
+                          sk_n, sk_p, sk_h, sk_d, sbt_b, sbt_n,
+                          HKV: tl.constexpr, HKV_PAD: tl.constexpr, BS: tl.constexpr,
+                          BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+        sid = tl.program_id(0)
+        b = tl.program_id(1)
+        L = tl.load(len_ptr + b).to(tl.int32)
+        start = sid * KPS
+        end = tl.minimum(start + KPS, L)
+        r = tl.arange(0, HKV_PAD * BLOCK_N)
+        r_g = r // BLOCK_N
+        r_j = r % BLOCK_N
+        d = tl.arange(0, D_PAD)
+        acc = tl.zeros([HKV_PAD * BLOCK_N, D_PAD], tl.float32)
+        bt_row = bt_ptr + b.to(tl.int64) * sbt_b
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + r_j
+            ok = (n < end) & (r_g < HKV)
+            blk = tl.load(bt_row + (n // BS) * sbt_n, mask=ok, other=0).to(tl.int64)
+            off = blk * sk_n + (n % BS).to(tl.int64) * sk_p + r_g.to(tl.int64) * sk_h
+            kv = tl.load(k_ptr + off[:, None] + d[None, :] * sk_d,
+                         mask=ok[:, None] & (d < D)[None, :], other=0.0)
+            acc += kv.to(tl.float32)
+        tl.store(out_ptr + b * NS + sid, tl.sum(tl.sum(acc, axis=1), axis=0))
+
+
+def read_keys_once(k, bt, sl, max_len, block_n, num_warps, programs):
+    B = bt.shape[0]
+    HKV, D, BS = k.shape[2], k.shape[3], k.shape[1]
+    kps = max(block_n, -(-max_len // max(1, programs // B)))
+    kps = -(-kps // block_n) * block_n
+    ns = -(-max_len // kps)
+    out = torch.empty((B, ns), dtype=torch.float32, device=k.device)
+    _read_keys_kernel[(ns, B)](
+        k, bt, sl, out, ns, kps, k.stride(0), k.stride(1), k.stride(2), k.stride(3),
+        bt.stride(0), bt.stride(1), HKV=HKV, HKV_PAD=triton.next_power_of_2(HKV), BS=BS,
+        BLOCK_N=block_n, D=D, D_PAD=triton.next_power_of_2(D), num_warps=num_warps)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------
+def bench_cuda(fn, rep):
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def bench_graph(fn, n=20, trials=5):
+    """GPU time per call from CUDA graphs: n x (flush L2, fn) minus n x flush."""
+    flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
+
+    def capture(with_fn):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):  # warm up allocations on the side stream
+                flush.zero_()
+                if with_fn:
+                    fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(n):
+                flush.zero_()
+                if with_fn:
+                    fn()
+        return g
+
+    def timed(g):
+        ts = []
+        for _ in range(trials):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            torch.cuda.synchronize()
+            ts.append(a.elapsed_time(b))
+        return statistics.median(ts)
+
+    g1, g0 = capture(True), capture(False)
+    timed(g1), timed(g0)
+    return max(0.0, (timed(g1) - timed(g0)) / n)
+
+
+def bench_cpu(fn, min_time=0.5, max_reps=50):
+    fn()
+    ts = []
+    t_end = time.perf_counter() + min_time
+    while len(ts) < max_reps and (len(ts) < 3 or time.perf_counter() < t_end):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+# ----------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------
+def make_inputs(B, L, H, HKV, D, BS, dtype, device, seed=0):
+    """q [B,H,D], K view of a vLLM-layout cache, shuffled block table, seq lens."""
+    nblk = -(-L // BS)
+    nb = B * nblk + 1
+    g = torch.Generator(device=device).manual_seed(seed)
+    cache = torch.empty((nb, HKV, BS, 2 * D), dtype=dtype, device=device)
+    cache.normal_(generator=g)
+    k = cache.transpose(1, 2).split(D, -1)[0]
+    bt = torch.randperm(nb, generator=g, device=device)[: B * nblk].view(B, nblk)
+    bt = bt.to(torch.int32)
+    sl = torch.full((B,), L, dtype=torch.int32, device=device)
+    q = torch.randn((B, H, D), generator=g, device=device).to(dtype)
+    return q, k, bt, sl, cache
+
+
+def versions():
+    parts = [f"torch {torch.__version__}"]
+    if triton is not None:
+        parts.append(f"triton {triton.__version__}")
+    if torch.version.cuda:
+        parts.append(f"CUDA {torch.version.cuda}")
+    parts.append(f"python {platform.python_version()}")
+    return ", ".join(parts)
+
+
+def fmt(x, nd=3):
+    return "not measured" if x is None else f"{x:.{nd}f}"
+
+
+# ----------------------------------------------------------------------------
+# CUDA
+# ----------------------------------------------------------------------------
+def run_cuda(args):
+    from triton_kernels import attn_stats as tk
+
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    batches = [int(x) for x in (args.batches or "1,64,256").split(",")]
+    contexts = [int(x) for x in (args.contexts or "512,4096,32768").split(",")]
+    H, HKV, D, BS = args.heads, args.kv_heads, args.head_size, args.block_size
+    dtype = DTYPES[args.dtype]
+    esize = torch.empty((), dtype=dtype).element_size()
+    scale = D ** -0.5
+    print(f"# Attention statistics benchmark ({datetime.date.today().isoformat()})\n")
+    print(f"- device: {props.name} ({props.multi_processor_count} SMs, "
+          f"{props.total_memory / 2**30:.0f} GiB)")
+    print(f"- versions: {versions()}")
+    print(f"- layer: H={H}, H_kv={HKV}, D={D}, block size {BS}, {args.dtype} cache in vLLM's "
+          f"[num_blocks, H_kv, block_size, 2*D] layout (K and V allocated), shuffled blocks, "
+          f"all sequences of the full context")
+    print(f"- timing: triton.testing.do_bench median, L2 flushed before each run, launches "
+          f"included{'; graph: GPU-only time from CUDA graphs' if args.graph else ''}")
+    print(f"- stats called with max_seq_len={'no' if args.no_max_seq_len else 'yes'}\n")
+    head = ("| batch | context | K read (GiB) | read K once (ms) | read GB/s | stats (ms) "
+            "| stats / read |")
+    sep = "|---|---|---|---|---|---|---|"
+    if args.graph:
+        head += " read, graph (ms) | stats, graph (ms) | ratio, graph |"
+        sep += "---|---|---|"
+    head += " one decode step |"
+    sep += "---|"
+    lines = [head, sep]
+    sweep_lines = []
+    for B in batches:
+        for L in contexts:
+            k_bytes = B * L * HKV * D * esize
+            need = 2 * k_bytes + (B * L // BS + 1) * 0 + 1.5 * 2**30
+            free, _ = torch.cuda.mem_get_info()
+            if need > free:
+                row = (f"| {B} | {L} | {k_bytes / 2**30:.2f} | skipped: the cache "
+                       f"({2 * k_bytes / 2**30:.1f} GiB with V) does not fit "
+                       f"({free / 2**30:.1f} GiB free) | | | |")
+                if args.graph:
+                    row += " | | |"
+                lines.append(row + " |")
+                print(lines[-1], flush=True)
+                continue
+            q, k, bt, sl, cache = make_inputs(B, L, H, HKV, D, BS, dtype, dev)
+            mx = None if args.no_max_seq_len else L
+            programs = 8 * props.multi_processor_count
+            best_read, best_cfg = None, None
+            for bn, nw in ((8, 4), (16, 4), (16, 8), (32, 8)):
+                t = bench_cuda(lambda: read_keys_once(k, bt, sl, L, bn, nw, programs), args.rep)
+                if best_read is None or t < best_read:
+                    best_read, best_cfg = t, (bn, nw)
+            t_stats = bench_cuda(lambda: tk.paged_attention_stats(q, k, bt, sl, scale,
+                                                                  max_seq_len=mx), args.rep)
+            gbs = k_bytes / (best_read * 1e-3) / 1e9
+            row = (f"| {B} | {L} | {k_bytes / 2**30:.3f} | {best_read:.4f} | {gbs:.0f} | "
+                   f"{t_stats:.4f} | {t_stats / best_read:.2f} |")
+            if args.graph:
+                bn, nw = best_cfg
+                gr = bench_graph(lambda: read_keys_once(k, bt, sl, L, bn, nw, programs))
+                gs = bench_graph(lambda: tk.paged_attention_stats(q, k, bt, sl, scale,
+                                                                  max_seq_len=mx))
+                row += f" {gr:.4f} | {gs:.4f} | {gs / gr if gr > 0 else float('nan'):.2f} |"
+            row += " not measured |"
+            lines.append(row)
+            print(row, flush=True)
+            if args.sweep:
+                p1 = bench_cuda(lambda: tk.head_stats(q, k, bt, sl, scale, max_seq_len=mx),
+                                args.rep)
+                hs = tk.head_stats(q, k, bt, sl, scale, max_seq_len=mx)
+                p2 = bench_cuda(lambda: tk.agreement_abs_sum(q, k, bt, sl, scale, hs.lse,
+                                                             max_seq_len=mx), args.rep)
+                sweep_lines.append(f"| {B} | {L} | pass 1 alone | {p1:.4f} | "
+                                   f"{p1 / best_read:.2f} |")
+                sweep_lines.append(f"| {B} | {L} | pass 2 alone | {p2:.4f} | "
+                                   f"{p2 / best_read:.2f} |")
+                for name, kw in VARIANTS.items():
+                    try:
+                        t = bench_cuda(lambda: tk.paged_attention_stats(
+                            q, k, bt, sl, scale, max_seq_len=mx, **kw), args.rep)
+                        sweep_lines.append(f"| {B} | {L} | {name} | {t:.4f} | "
+                                           f"{t / best_read:.2f} |")
+                    except Exception as e:  # a variant that does not compile here
+                        sweep_lines.append(f"| {B} | {L} | {name} | failed: "
+                                           f"{type(e).__name__} | |")
+                    print(sweep_lines[-1], flush=True)
+            del q, k, bt, sl, cache
+            torch.cuda.empty_cache()
+    print()
+    print("\n".join(lines))
+    if sweep_lines:
+        print("\n| batch | context | variant | stats (ms) | / read |\n|---|---|---|---|---|")
+        print("\n".join(sweep_lines))
+
+
+# ----------------------------------------------------------------------------
+# CPU
+# ----------------------------------------------------------------------------
+def run_cpu(args):
+    batches = [int(x) for x in (args.batches or "1,4").split(",")]
+    contexts = [int(x) for x in (args.contexts or "128,512").split(",")]
+    H, HKV, D, BS = args.heads, args.kv_heads, args.head_size, args.block_size
+    dtype = DTYPES[args.dtype] if args.dtype != "bfloat16" else torch.float32
+    scale = D ** -0.5
+    has_cpp = ops.cpp_available() and hasattr(torch.ops.entropix, "paged_attention_stats")
+    print(f"# Attention statistics benchmark, CPU ({datetime.date.today().isoformat()})\n")
+    print(f"- device: {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} torch threads")
+    print(f"- versions: {versions()}")
+    print(f"- layer: H={H}, H_kv={HKV}, D={D}, block size {BS}, {dtype} cache (vLLM layout view)")
+    print(f"- cpp backend: {'built' if has_cpp else 'not built (column not measured)'}\n")
+    cols = ["batch", "context", "read K once, torch (ms)", "cpp (ms)", "cpp / read",
+            "torch reference (ms)"]
+    if args.interpret:
+        cols.append("triton interpreter (ms)")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for B in batches:
+        for L in contexts:
+            q, k, bt, sl, cache = make_inputs(B, L, H, HKV, D, BS, dtype, torch.device("cpu"))
+            nblk = bt.shape[1]
+            pos = torch.arange(L)
+
+            def read_once():
+                return k[bt[:, pos // BS].long(), (pos % BS)[None, :]].float().sum()
+
+            t_read = bench_cpu(read_once)
+            t_cpp = None
+            if has_cpp:
+                t_cpp = bench_cpu(lambda: ops.paged_attention_stats(q, k, bt, sl, scale,
+                                                                    backend="cpp"))
+            t_ref = bench_cpu(lambda: ops.paged_attention_stats(q, k, bt, sl, scale,
+                                                                backend="torch"), max_reps=5)
+            row = [str(B), str(L), fmt(t_read), fmt(t_cpp),
+                   fmt(None if t_cpp is None else t_cpp / t_read, 2), fmt(t_ref)]
+            if args.interpret:
+                from triton_kernels import attn_stats as tk
+                row.append(fmt(bench_cpu(lambda: tk.paged_attention_stats(
+                    q, k, bt, sl, scale, max_seq_len=L), min_time=0.0, max_reps=1)))
+            print("| " + " | ".join(row) + " |", flush=True)
+            del nblk
+
+
+if __name__ == "__main__":
+    if ARGS.device == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("no CUDA device; use --device cpu")
+        run_cuda(ARGS)
+    else:
+        run_cpu(ARGS)
