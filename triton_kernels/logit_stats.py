@@ -393,13 +393,14 @@ def _next_pow2(n: int) -> int:
 
 
 def plan(B: int, V: int, num_candidates: int, device: torch.device, layout: str = "auto",
-         num_splits: Optional[int] = None, block: Optional[int] = None):
+         num_splits: Optional[int] = None, block: Optional[int] = None,
+         num_warps: Optional[int] = None):
     """Launch plan ``dict(NS, CHUNK, R, G, KP, num_warps)`` for a ``[B, V]`` input.
 
     ``layout``: ``"auto"`` (split when ``B`` is below the SM count), ``"row"``
     or ``"split"``. ``num_splits`` forces the split count (clamped to
     ``1..min(MAX_SPLITS, ceil(V / tile))``); ``block`` forces the tile size
-    (a power of two >= KP).
+    (a power of two >= KP); ``num_warps`` the warps per program.
     """
     if layout not in ("auto", "row", "split"):
         raise ValueError(f"layout: expected 'auto', 'row' or 'split', got {layout!r}")
@@ -421,13 +422,15 @@ def plan(B: int, V: int, num_candidates: int, device: torch.device, layout: str 
         ns = max(1, min(max_ns, triton.cdiv(2 * sms, max(B, 1))))
     chunk = triton.cdiv(triton.cdiv(V, ns), block) * block
     ns = triton.cdiv(V, chunk)
-    num_warps = 8 if block >= 4096 else 4
+    if num_warps is None:
+        num_warps = 8 if block >= 4096 else 4
     return dict(NS=ns, CHUNK=chunk, R=KP, G=block // KP, KP=KP, num_warps=num_warps)
 
 
 def fused_logit_stats(logits: torch.Tensor, num_candidates: int = K_MAX, *,
                       layout: str = "auto", num_splits: Optional[int] = None,
-                      block: Optional[int] = None, network: Optional[bool] = None
+                      block: Optional[int] = None, network: Optional[bool] = None,
+                      num_warps: Optional[int] = None
                       ) -> Tuple[LogitStats, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """One read of ``logits [B, V]`` (float32, float16 or bfloat16; ``V >= 1``;
     rows may be strided, the last dimension must be contiguous or is made so).
@@ -442,7 +445,7 @@ def fused_logit_stats(logits: torch.Tensor, num_candidates: int = K_MAX, *,
     ``cand_ids`` int64 (padding ids are valid ids); ``None, None`` when
     ``num_candidates == 0``.
 
-    ``layout``/``num_splits``/``block`` override the launch plan (see
+    ``layout``/``num_splits``/``block``/``num_warps`` override the launch plan (see
     :func:`plan`); ``network`` picks the candidate-merge implementation
     (bitonic network, the default on CUDA; rank placement, the default under
     the interpreter). Results do not depend on them beyond float32 rounding
@@ -474,7 +477,7 @@ def fused_logit_stats(logits: torch.Tensor, num_candidates: int = K_MAX, *,
     if B == 0:
         return (stats, cand_v, cand_i) if cand else (stats, None, None)
 
-    p = plan(B, V, NC, dev, layout, num_splits, block)
+    p = plan(B, V, NC, dev, layout, num_splits, block, num_warps)
     NS, R, G, KP = p["NS"], p["R"], p["G"], p["KP"]
     LK = KP.bit_length() - 1
     net = bool(logits.is_cuda) if network is None else bool(network)
