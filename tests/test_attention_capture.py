@@ -252,3 +252,86 @@ def test_first_layer_matches_hf(engine, hf_model):
         _compare(hf_model, prompts, outputs, _rows(prompts, outputs, records), layer=0)
     finally:
         llm.collective_rpc(A.rpc_install, args=(-1, True))
+
+
+# ----------------------------------------------------------------------------
+# Start-up checks on real vLLM layers and configs (no engine).
+# ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_layer_config(tmp_path_factory):
+    """A VllmConfig holding two real Attention layers: layer 0 on CPU_ATTN (this
+    platform's backend), layer 1 built with the FLEX_ATTENTION backend."""
+    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.attention import Attention
+    from vllm.v1.attention.backends.flex_attention import FlexAttentionBackend
+
+    path = make_tiny_llama(str(tmp_path_factory.mktemp("tiny_cfg")))
+    cfg = VllmConfig(model_config=ModelConfig(model=path, dtype="float32"))
+    with set_current_vllm_config(cfg):
+        Attention(4, 32, 32 ** -0.5, 2, prefix="model.layers.0.self_attn.attn")
+        Attention(4, 32, 32 ** -0.5, 2, prefix="model.layers.1.self_attn.attn",
+                  attn_backend=FlexAttentionBackend)
+    return cfg
+
+
+def test_unsupported_backend_is_a_clear_error(two_layer_config):
+    with pytest.raises(A.AttentionCaptureError) as e:
+        A._Capture(two_layer_config, -1).resolve()
+    msg = str(e.value)
+    assert "FLEX_ATTENTION" in msg and "model.layers.1.self_attn.attn" in msg
+    assert all(b in msg for b in A.supported_backends())
+    # The supported layer resolves; an out-of-range index names the range.
+    cap = A._Capture(two_layer_config, 0)
+    assert cap.resolve() == "model.layers.0.self_attn.attn"
+    assert cap.backend == "CPU_ATTN" and cap.use_copy
+    with pytest.raises(A.AttentionCaptureError, match=r"-2\.\.1"):
+        A._Capture(two_layer_config, 2).resolve()
+
+
+def test_sampler_call_raises_for_unsupported_backend(two_layer_config):
+    # No forward pass ran: the first sampler call (start-up dummy sampler run)
+    # resolves the layer and raises, instead of handing out zeros silently.
+    saved = A._STATE
+    try:
+        A._STATE = A._Capture(two_layer_config, -1)
+        with pytest.raises(A.AttentionCaptureError, match="FLEX_ATTENTION"):
+            A.attention_stats_for_sampler(4, "cpu")
+    finally:
+        A._STATE = saved
+
+
+def test_adjust_vllm_config_switches_full_cudagraphs():
+    from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode, ParallelConfig
+
+    class Holder:  # the two parts of a VllmConfig that adjust_vllm_config reads
+        def __init__(self, cc, pc):
+            self.compilation_config, self.parallel_config = cc, pc
+
+    cc = CompilationConfig(mode=CompilationMode.VLLM_COMPILE,
+                           cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE)
+    cc.set_splitting_ops_for_v1(all2all_backend="naive")
+    assert cc.splitting_ops_contain_attention()
+    pc = ParallelConfig()
+    pc.enable_batch_sharded_sampling = True
+    h = Holder(cc, pc)
+    changes = A.adjust_vllm_config(h)
+    assert cc.cudagraph_mode == CUDAGraphMode.PIECEWISE and len(changes) == 2
+    assert pc.enable_batch_sharded_sampling is False
+    assert A.adjust_vllm_config(h) == []  # idempotent; PIECEWISE stays
+    # Without piecewise compilation there is no eager attention: no graphs.
+    cc2 = CompilationConfig(mode=CompilationMode.NONE, cudagraph_mode=CUDAGraphMode.FULL_DECODE_ONLY)
+    A.adjust_vllm_config(Holder(cc2, ParallelConfig()))
+    assert cc2.cudagraph_mode == CUDAGraphMode.NONE
+
+
+def test_install_refuses_pipeline_parallelism(two_layer_config):
+    import copy
+    cfg = copy.copy(two_layer_config)
+    cfg.parallel_config = copy.copy(two_layer_config.parallel_config)
+    cfg.parallel_config.pipeline_parallel_size = 2
+    saved = A._STATE
+    try:
+        with pytest.raises(A.AttentionCaptureError, match="pipeline parallel"):
+            A.install(cfg, -1)
+    finally:
+        A._STATE = saved

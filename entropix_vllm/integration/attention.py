@@ -129,7 +129,8 @@ def adjust_vllm_config(vllm_config) -> List[str]:
 
         piecewise_ok = cc.mode == CompilationMode.VLLM_COMPILE
         try:
-            piecewise_ok = piecewise_ok and cc.splitting_ops_contain_attention()
+            piecewise_ok = piecewise_ok and (cc.splitting_ops_contain_attention()
+                                             or bool(cc.use_inductor_graph_partition))
         except Exception:  # pragma: no cover - older/newer config API
             pass
         new = CUDAGraphMode.PIECEWISE if piecewise_ok else CUDAGraphMode.NONE
@@ -199,15 +200,21 @@ class _Capture:
             return self.layer_name
         from vllm.model_executor.layers.attention.attention import Attention
 
+        kinds = (Attention,)
+        try:  # MLA layers count as attention layers (to name them in the error)
+            from vllm.model_executor.layers.attention.mla_attention import MLAAttention
+            kinds = (Attention, MLAAttention)
+        except Exception:  # pragma: no cover
+            pass
         layers = self._layers(no_compile_layers)
         decoder = [name for name, mod in layers.items()
-                   if isinstance(mod, Attention)
-                   and str(getattr(mod, "attn_type", "decoder")) in ("decoder", "AttentionType.DECODER")]
+                   if isinstance(mod, kinds) and str(getattr(mod, "attn_type", "decoder")) in
+                   ("decoder", "AttentionType.DECODER")]
         if not decoder:
             raise AttentionCaptureError(
-                "Entropix attention figures: the model has no decoder self-attention layer that "
-                f"the plugin can read (supported backends: {', '.join(_SUPPORTED)}); "
-                "MLA and attention-free models are not supported")
+                "Entropix attention figures: the model has no decoder self-attention layer "
+                f"(supported backends: {', '.join(_SUPPORTED)}); attention-free models are "
+                "not supported")
         n = len(decoder)
         if not -n <= self.attn_layer < n:
             raise AttentionCaptureError(
@@ -216,7 +223,7 @@ class _Capture:
         name = decoder[self.attn_layer]
         layer = layers[name]
         backend = layer.get_attn_backend().get_name()
-        if backend not in _SUPPORTED:
+        if backend not in _SUPPORTED or not isinstance(layer, Attention):
             raise AttentionCaptureError(
                 f"Entropix attention figures: attention backend {backend} (layer {name}) is not "
                 f"supported; supported backends: {', '.join(_SUPPORTED)} "
