@@ -335,3 +335,21 @@ def test_install_refuses_pipeline_parallelism(two_layer_config):
             A.install(cfg, -1)
     finally:
         A._STATE = saved
+
+
+def test_prefix_cache_hit_matches_hf(engine, hf_model):
+    # A second request sharing the first 128-token block (vLLM's CPU block
+    # size) with an earlier one: its keys for that block are not recomputed,
+    # they come from the cached block (and the plugin's copy of it).
+    llm, path, kind = engine
+    base = _prompts(path, kind)[2]  # 150 tokens
+    first = base[:140]
+    _generate(llm, [first], max_tokens=1)
+    second = base[:130] + list(reversed(base[130:150]))
+    assert second != base[:150]
+    outputs, records = _generate(llm, [second], max_tokens=3)
+    rows = _rows([second], outputs, records)
+    first_row = rows[0]
+    assert first_row[1] == len(second) and first_row[3] < len(second) - 100, \
+        f"no prefix cache hit (L={first_row[1]}, query_len={first_row[3]})"
+    _compare(hf_model, [second], outputs, rows, layer=-1)
