@@ -80,16 +80,19 @@ except ImportError:  # cpu mode works without triton
 from entropix_vllm import ops  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Launch-parameter variants timed by --sweep (keyword arguments of
+# paged_attention_stats; "fused" selects the single-launch persistent kernel).
 VARIANTS = {
-    "default": {},
-    "bn1=128,w1=8": dict(block_n1=128, num_warps1=8),
-    "bn1=32": dict(block_n1=32),
-    "s1=4": dict(num_stages1=4),
-    "bn2=16,w2=8": dict(block_n2=16, num_warps2=8),
-    "bn2=16,w2=4": dict(block_n2=16, num_warps2=4),
-    "bn2=4": dict(block_n2=4),
-    "s2=3": dict(num_stages2=3),
-    "no-reverse": dict(reverse=False),
+    "two-pass": dict(fused=False),
+    "bn1=64,w1=4": dict(fused=False, block_n1=64, num_warps1=4),
+    "bn2=16,w2=4": dict(fused=False, block_n2=16, num_warps2=4),
+    "bn2=16,w2=8": dict(fused=False, block_n2=16, num_warps2=8),
+    "fused": dict(fused=True),
+    "fused,w8": dict(fused=True, num_warps2=8),
+    "fused,tk=64": dict(fused=True, tile_keys=64),
+    "fused,tk=256": dict(fused=True, tile_keys=256),
+    "fused,lag=0": dict(fused=True, lag=0),
+    "fused,lag=16": dict(fused=True, lag=16),
 }
 
 
@@ -242,36 +245,34 @@ def run_cuda(args):
     scale = D ** -0.5
     print(f"# Attention statistics benchmark ({datetime.date.today().isoformat()})\n")
     print(f"- device: {props.name} ({props.multi_processor_count} SMs, "
-          f"{props.total_memory / 2**30:.0f} GiB)")
+          f"{props.total_memory / 2**30:.0f} GiB, L2 {getattr(props, 'L2_cache_size', 0) / 2**20:.0f} MiB)")
     print(f"- versions: {versions()}")
     print(f"- layer: H={H}, H_kv={HKV}, D={D}, block size {BS}, {args.dtype} cache in vLLM's "
           f"[num_blocks, H_kv, block_size, 2*D] layout (K and V allocated), shuffled blocks, "
           f"all sequences of the full context")
     print(f"- timing: triton.testing.do_bench median, L2 flushed before each run, launches "
           f"included{'; graph: GPU-only time from CUDA graphs' if args.graph else ''}")
-    print(f"- stats called with max_seq_len={'no' if args.no_max_seq_len else 'yes'}\n")
-    head = ("| batch | context | K read (GiB) | read K once (ms) | read GB/s | stats (ms) "
-            "| stats / read |")
-    sep = "|---|---|---|---|---|---|---|"
+    print(f"- stats called with max_seq_len={'no' if args.no_max_seq_len else 'yes'}; "
+          f"two-pass = two launches (pass 1, pass 2), fused = one persistent launch\n")
+    cols = ["batch", "context", "K read (GiB)", "read K once (ms)", "read GB/s",
+            "two-pass (ms)", "two-pass / read", "fused (ms)", "fused / read"]
     if args.graph:
-        head += " read, graph (ms) | stats, graph (ms) | ratio, graph |"
-        sep += "---|---|---|"
-    head += " one decode step |"
-    sep += "---|"
-    lines = [head, sep]
+        cols += ["graph: read (ms)", "graph: two-pass (ms)", "graph: fused (ms)"]
+    cols.append("one decode step")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    print(lines[0])
+    print(lines[1])
     sweep_lines = []
     for B in batches:
         for L in contexts:
             k_bytes = B * L * HKV * D * esize
-            need = 2 * k_bytes + (B * L // BS + 1) * 0 + 1.5 * 2**30
+            need = 2 * k_bytes + 1.5 * 2**30
             free, _ = torch.cuda.mem_get_info()
             if need > free:
-                row = (f"| {B} | {L} | {k_bytes / 2**30:.2f} | skipped: the cache "
-                       f"({2 * k_bytes / 2**30:.1f} GiB with V) does not fit "
-                       f"({free / 2**30:.1f} GiB free) | | | |")
-                if args.graph:
-                    row += " | | |"
-                lines.append(row + " |")
+                row = [str(B), str(L), f"{k_bytes / 2**30:.3f}",
+                       f"skipped: the cache ({2 * k_bytes / 2**30:.1f} GiB with V) does not fit "
+                       f"({free / 2**30:.1f} GiB free)"] + [""] * (len(cols) - 4)
+                lines.append("| " + " | ".join(row) + " |")
                 print(lines[-1], flush=True)
                 continue
             q, k, bt, sl, cache = make_inputs(B, L, H, HKV, D, BS, dtype, dev)
@@ -282,20 +283,24 @@ def run_cuda(args):
                 t = bench_cuda(lambda: read_keys_once(k, bt, sl, L, bn, nw, programs), args.rep)
                 if best_read is None or t < best_read:
                     best_read, best_cfg = t, (bn, nw)
-            t_stats = bench_cuda(lambda: tk.paged_attention_stats(q, k, bt, sl, scale,
-                                                                  max_seq_len=mx), args.rep)
+
+            def stats(fused, **kw):
+                return lambda: tk.paged_attention_stats(q, k, bt, sl, scale, max_seq_len=mx,
+                                                        fused=fused, **kw)
+
+            t2 = bench_cuda(stats(False), args.rep)
+            tf = bench_cuda(stats(True), args.rep)
             gbs = k_bytes / (best_read * 1e-3) / 1e9
-            row = (f"| {B} | {L} | {k_bytes / 2**30:.3f} | {best_read:.4f} | {gbs:.0f} | "
-                   f"{t_stats:.4f} | {t_stats / best_read:.2f} |")
+            row = [str(B), str(L), f"{k_bytes / 2**30:.3f}", f"{best_read:.4f}", f"{gbs:.0f}",
+                   f"{t2:.4f}", f"{t2 / best_read:.2f}", f"{tf:.4f}", f"{tf / best_read:.2f}"]
             if args.graph:
                 bn, nw = best_cfg
-                gr = bench_graph(lambda: read_keys_once(k, bt, sl, L, bn, nw, programs))
-                gs = bench_graph(lambda: tk.paged_attention_stats(q, k, bt, sl, scale,
-                                                                  max_seq_len=mx))
-                row += f" {gr:.4f} | {gs:.4f} | {gs / gr if gr > 0 else float('nan'):.2f} |"
-            row += " not measured |"
-            lines.append(row)
-            print(row, flush=True)
+                row.append(f"{bench_graph(lambda: read_keys_once(k, bt, sl, L, bn, nw, programs)):.4f}")
+                row.append(f"{bench_graph(stats(False)):.4f}")
+                row.append(f"{bench_graph(stats(True)):.4f}")
+            row.append("not measured")
+            lines.append("| " + " | ".join(row) + " |")
+            print(lines[-1], flush=True)
             if args.sweep:
                 p1 = bench_cuda(lambda: tk.head_stats(q, k, bt, sl, scale, max_seq_len=mx),
                                 args.rep)
@@ -307,9 +312,10 @@ def run_cuda(args):
                 sweep_lines.append(f"| {B} | {L} | pass 2 alone | {p2:.4f} | "
                                    f"{p2 / best_read:.2f} |")
                 for name, kw in VARIANTS.items():
+                    kw = dict(kw)
+                    fused = kw.pop("fused")
                     try:
-                        t = bench_cuda(lambda: tk.paged_attention_stats(
-                            q, k, bt, sl, scale, max_seq_len=mx, **kw), args.rep)
+                        t = bench_cuda(stats(fused, **kw), args.rep)
                         sweep_lines.append(f"| {B} | {L} | {name} | {t:.4f} | "
                                            f"{t / best_read:.2f} |")
                     except Exception as e:  # a variant that does not compile here

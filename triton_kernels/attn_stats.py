@@ -142,6 +142,88 @@ def _merge_partials(M, S0, S1, A, mp, s0p, s1p, ap, ok):
 
 
 @triton.jit
+def _load_q(q_ptr, k_ptr, b, rows, row_ok, d, d_ok, sq_b, sq_h, sq_d, HALF_DOT: tl.constexpr):
+    qv = tl.load(q_ptr + b.to(tl.int64) * sq_b + rows[:, None] * sq_h + d[None, :] * sq_d,
+                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if HALF_DOT:
+        qv = qv.to(k_ptr.dtype.element_ty)
+    else:
+        qv = qv.to(tl.float32)
+    return qv
+
+
+@triton.jit
+def _all_head_scores(qv, k_ptr, bt_row, n0, end, r_g, r_j, d, d_ok, gsel, scale,
+                     sk_n, sk_p, sk_h, sk_d, sbt_n,
+                     HKV: tl.constexpr, HKV_PAD: tl.constexpr, BS: tl.constexpr,
+                     BLOCK_N: tl.constexpr, H_PAD: tl.constexpr, HALF_DOT: tl.constexpr):
+    """Scores ``[H_PAD, BLOCK_N]`` of every query head of a request against keys
+    ``n0 .. n0+BLOCK_N-1`` (those ``< end``; others 0). The K rows of all kv
+    heads are loaded as one block (row ``g * BLOCK_N + j``), multiplied by the
+    whole query block, and each head keeps the products with its kv head."""
+    nr = n0 + r_j
+    r_ok = (nr < end) & (r_g < HKV)
+    blk = tl.load(bt_row + (nr // BS) * sbt_n, mask=r_ok, other=0).to(tl.int64)
+    koff = blk * sk_n + (nr % BS).to(tl.int64) * sk_p + r_g.to(tl.int64) * sk_h
+    kv = tl.load(k_ptr + koff[:, None] + d[None, :] * sk_d,
+                 mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    if HALF_DOT:
+        sf = tl.dot(qv, tl.trans(kv))
+    else:
+        sf = tl.dot(qv, tl.trans(kv.to(tl.float32)), input_precision="ieee")
+    s3 = tl.reshape(sf, (H_PAD, HKV_PAD, BLOCK_N))
+    return tl.sum(tl.where(gsel, s3, 0.0), axis=1) * scale
+
+
+@triton.jit
+def _finish_heads(part_ptr, plane, row0, n_split, head_ptr, out_ptr, b, B, H, L,
+                  H_PAD: tl.constexpr, S_CHUNK: tl.constexpr):
+    """Merge one request's ``n_split`` partials (rows ``row0 ..`` of the
+    ``[4, rows, H]`` partials), in order; write per-head lse / entropy / sum|s|
+    and the request's attn_entropy, attn_varentropy, interaction_strength."""
+    hh = tl.arange(0, H_PAD)
+    h_ok = hh < H
+    M = tl.full([H_PAD], float("-inf"), tl.float32)
+    S0 = tl.zeros([H_PAD], tl.float32)
+    S1 = tl.zeros([H_PAD], tl.float32)
+    A = tl.zeros([H_PAD], tl.float32)
+    for c0 in range(0, n_split, S_CHUNK):
+        ss = c0 + tl.arange(0, S_CHUNK)
+        ok = (ss < n_split)[:, None] & h_ok[None, :]
+        off = (row0 + ss)[:, None] * H + hh[None, :]
+        mp = tl.load(part_ptr + off, mask=ok, other=float("-inf"), volatile=True)
+        s0p = tl.load(part_ptr + plane + off, mask=ok, other=0.0, volatile=True)
+        s1p = tl.load(part_ptr + 2 * plane + off, mask=ok, other=0.0, volatile=True)
+        ap = tl.load(part_ptr + 3 * plane + off, mask=ok, other=0.0, volatile=True)
+        M, S0, S1, A = _merge_partials(M, S0, S1, A, mp, s0p, s1p, ap, ok)
+    S0_safe = tl.where(h_ok, S0, 1.0)
+    log_s0 = tl.log(S0_safe)
+    lse = tl.where(h_ok, M, 0.0) + log_s0
+    ent = tl.where(h_ok, (log_s0 - S1 / S0_safe) * 1.4426950408889634, 0.0)
+    hb = head_ptr + b * H + hh
+    tl.store(hb, lse, mask=h_ok)
+    tl.store(hb + B * H, ent, mask=h_ok)
+    tl.store(hb + 2 * B * H, A, mask=h_ok)
+    Hf = H * 1.0
+    ae = tl.sum(ent, axis=0) / Hf
+    dev = tl.where(h_ok, ent - ae, 0.0)
+    av = tl.sum(dev * dev, axis=0) / Hf
+    is_ = tl.sum(tl.where(h_ok, A, 0.0), axis=0) / (Hf * L)
+    tl.store(out_ptr + b, ae)
+    tl.store(out_ptr + B + b, av)
+    tl.store(out_ptr + 3 * B + b, is_)
+
+
+@triton.jit
+def _sum_parts(part_ptr, row0, n, S_CHUNK: tl.constexpr):
+    tot = tl.zeros([S_CHUNK], tl.float32)
+    for c0 in range(0, n, S_CHUNK):
+        ss = c0 + tl.arange(0, S_CHUNK)
+        tot += tl.load(part_ptr + row0 + ss, mask=ss < n, other=0.0, volatile=True)
+    return tl.sum(tot, axis=0)
+
+
+@triton.jit
 def _head_partials_kernel(
     q_ptr, k_ptr, bt_ptr, len_ptr,
     part_ptr,  # float32 [4, B, NS, H]: m, S0, S1, sum|s| per split
@@ -169,12 +251,7 @@ def _head_partials_kernel(
         h = g * G + rows
         d = tl.arange(0, D_PAD)
         d_ok = d < D
-        qv = tl.load(q_ptr + b.to(tl.int64) * sq_b + h[:, None] * sq_h + d[None, :] * sq_d,
-                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        if HALF_DOT:
-            qv = qv.to(k_ptr.dtype.element_ty)
-        else:
-            qv = qv.to(tl.float32)
+        qv = _load_q(q_ptr, k_ptr, b, h, row_ok, d, d_ok, sq_b, sq_h, sq_d, HALF_DOT)
         m = tl.full([G_PAD], float("-inf"), tl.float32)
         s0 = tl.zeros([G_PAD], tl.float32)
         s1 = tl.zeros([G_PAD], tl.float32)
@@ -207,37 +284,8 @@ def _head_partials_kernel(
         prev = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel")
         if prev == n_split * (H // G) - 1:
             # Last program of this request: merge its partials, in split order.
-            hh = tl.arange(0, H_PAD)
-            h_ok = hh < H
-            M = tl.full([H_PAD], float("-inf"), tl.float32)
-            S0 = tl.zeros([H_PAD], tl.float32)
-            S1 = tl.zeros([H_PAD], tl.float32)
-            A = tl.zeros([H_PAD], tl.float32)
-            for c0 in range(0, n_split, S_CHUNK):
-                ss = c0 + tl.arange(0, S_CHUNK)
-                ok = (ss < n_split)[:, None] & h_ok[None, :]
-                off = (b * NS + ss)[:, None] * H + hh[None, :]
-                mp = tl.load(part_ptr + off, mask=ok, other=float("-inf"), volatile=True)
-                s0p = tl.load(part_ptr + plane + off, mask=ok, other=0.0, volatile=True)
-                s1p = tl.load(part_ptr + 2 * plane + off, mask=ok, other=0.0, volatile=True)
-                ap = tl.load(part_ptr + 3 * plane + off, mask=ok, other=0.0, volatile=True)
-                M, S0, S1, A = _merge_partials(M, S0, S1, A, mp, s0p, s1p, ap, ok)
-            S0_safe = tl.where(h_ok, S0, 1.0)
-            log_s0 = tl.log(S0_safe)
-            lse = tl.where(h_ok, M, 0.0) + log_s0
-            ent = tl.where(h_ok, (log_s0 - S1 / S0_safe) * 1.4426950408889634, 0.0)
-            hb = head_ptr + b * H + hh
-            tl.store(hb, lse, mask=h_ok)
-            tl.store(hb + B * H, ent, mask=h_ok)
-            tl.store(hb + 2 * B * H, A, mask=h_ok)
-            Hf = H * 1.0
-            ae = tl.sum(ent, axis=0) / Hf
-            dev = tl.where(h_ok, ent - ae, 0.0)
-            av = tl.sum(dev * dev, axis=0) / Hf
-            is_ = tl.sum(tl.where(h_ok, A, 0.0), axis=0) / (Hf * L)
-            tl.store(out_ptr + b, ae)
-            tl.store(out_ptr + B + b, av)
-            tl.store(out_ptr + 3 * B + b, is_)
+            _finish_heads(part_ptr, plane, b * NS, n_split, head_ptr, out_ptr, b, B, H, L,
+                          H_PAD, S_CHUNK)
 
 
 @triton.jit
@@ -275,14 +323,8 @@ def _agreement_kernel(
         h_ok = hh < H
         d = tl.arange(0, D_PAD)
         d_ok = d < D
-        qv = tl.load(q_ptr + b.to(tl.int64) * sq_b + hh[:, None] * sq_h + d[None, :] * sq_d,
-                     mask=h_ok[:, None] & d_ok[None, :], other=0.0)
-        if HALF_DOT:
-            qv = qv.to(k_ptr.dtype.element_ty)
-        else:
-            qv = qv.to(tl.float32)
+        qv = _load_q(q_ptr, k_ptr, b, hh, h_ok, d, d_ok, sq_b, sq_h, sq_d, HALF_DOT)
         lse = tl.load(lse_ptr + b.to(tl.int64) * slse_b + hh * slse_h, mask=h_ok, other=0.0)
-        # Rows of the K tile: r = g * BLOCK_N + j (kv head g, key n0 + j).
         r = tl.arange(0, HKV_PAD * BLOCK_N)
         r_g = r // BLOCK_N
         r_j = r % BLOCK_N
@@ -297,18 +339,9 @@ def _agreement_kernel(
                 n0 = start + (n_tiles - 1 - t) * BLOCK_N
             else:
                 n0 = start + t * BLOCK_N
-            nr = n0 + r_j
-            r_ok = (nr < end) & (r_g < HKV)
-            blk = tl.load(bt_row + (nr // BS) * sbt_n, mask=r_ok, other=0).to(tl.int64)
-            koff = blk * sk_n + (nr % BS).to(tl.int64) * sk_p + r_g.to(tl.int64) * sk_h
-            kv = tl.load(k_ptr + koff[:, None] + d[None, :] * sk_d,
-                         mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-            if HALF_DOT:
-                sf = tl.dot(qv, tl.trans(kv))
-            else:
-                sf = tl.dot(qv, tl.trans(kv.to(tl.float32)), input_precision="ieee")
-            s3 = tl.reshape(sf, (H_PAD, HKV_PAD, BLOCK_N))
-            s = tl.sum(tl.where(gsel, s3, 0.0), axis=1) * scale  # [H_PAD, BLOCK_N]
+            s = _all_head_scores(qv, k_ptr, bt_row, n0, end, r_g, r_j, d, d_ok, gsel, scale,
+                                 sk_n, sk_p, sk_h, sk_d, sbt_n,
+                                 HKV, HKV_PAD, BS, BLOCK_N, H_PAD, HALF_DOT)
             n = n0 + tl.arange(0, BLOCK_N)
             n_ok = n < end
             valid = h_ok[:, None] & n_ok[None, :]
@@ -327,15 +360,132 @@ def _agreement_kernel(
             n_split = tl.cdiv(L, KPS)
             prev = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel")
             if prev == n_split - 1:
-                tot = tl.zeros([S_CHUNK], tl.float32)
-                for c0 in range(0, n_split, S_CHUNK):
-                    ss = c0 + tl.arange(0, S_CHUNK)
-                    tot += tl.load(part_ptr + b * NS + ss, mask=ss < n_split, other=0.0,
-                                   volatile=True)
-                total = tl.sum(tot, axis=0)
+                total = _sum_parts(part_ptr, b * NS, n_split, S_CHUNK)
                 if NORMALIZE:
                     total = total / (H_ROW * L)
                 tl.store(res_ptr + b, total)
+
+
+@triton.jit
+def _fused_kernel(
+    q_ptr, k_ptr, bt_ptr, len_ptr,
+    part1_ptr,  # float32 [4, B, TMAX, H]: per-tile m, S0, S1, sum|s|
+    part2_ptr,  # float32 [B, TMAX]: per-tile sums of |P - Pbar|
+    ctr_ptr,  # int32 [1 + 2B], zeroed: tile dispenser, pass-1 and pass-2 arrivals
+    head_ptr,  # float32 [3, B, H]
+    out_ptr,  # float32 [4, B]
+    scale, B, H, TMAX, TK, L_CAP, LAG,
+    sq_b, sq_h, sq_d,
+    sk_n, sk_p, sk_h, sk_d,
+    sbt_b, sbt_n,
+    G: tl.constexpr, HKV: tl.constexpr, HKV_PAD: tl.constexpr, BS: tl.constexpr,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr,
+    KB_PAD: tl.constexpr, S_CHUNK: tl.constexpr, S_CHUNK2: tl.constexpr,
+    HALF_DOT: tl.constexpr,
+):
+    # Persistent programs take work items from a global dispenser, in order.
+    # A request's keys are cut into tiles of TK keys; the items are grouped in
+    # blocks k = 0 .. B+LAG-1: block k = the pass-1 tiles of request k, then the
+    # pass-2 tiles of request k-LAG (last tile first), so a request's keys are
+    # read again LAG requests after their first read (while still in L2, when
+    # LAG requests fit there), and by then its pass 1 is long finished. A
+    # pass-2 item waits (spins) until its request's pass 1 is merged; it only
+    # ever waits on items handed out before it, so this cannot deadlock.
+    kk = tl.arange(0, KB_PAD)
+    ok1 = kk < B
+    l1 = tl.load(len_ptr + kk, mask=ok1, other=0).to(tl.int32)
+    l1 = tl.minimum(tl.maximum(l1, 0), L_CAP)
+    t1 = tl.where(ok1, (l1 + TK - 1) // TK, 0)
+    r2 = kk - LAG
+    ok2 = (r2 >= 0) & (r2 < B)
+    l2 = tl.load(len_ptr + r2, mask=ok2, other=0).to(tl.int32)
+    l2 = tl.minimum(tl.maximum(l2, 0), L_CAP)
+    t2 = tl.where(ok2, (l2 + TK - 1) // TK, 0)
+    size = t1 + t2
+    start = tl.cumsum(size, axis=0) - size
+    total = tl.sum(size, axis=0)
+
+    hh = tl.arange(0, H_PAD)
+    h_ok = hh < H
+    d = tl.arange(0, D_PAD)
+    d_ok = d < D
+    r = tl.arange(0, HKV_PAD * BLOCK_N)
+    r_g = r // BLOCK_N
+    r_j = r % BLOCK_N
+    gsel = (tl.arange(0, HKV_PAD)[None, :, None] == (hh // G)[:, None, None]) \
+        & h_ok[:, None, None]
+    plane = B * TMAX * H
+    nj = tl.arange(0, BLOCK_N)
+
+    t = tl.atomic_add(ctr_ptr, 1)
+    while t < total:
+        kb = tl.max(tl.where((start <= t) & (size > 0), kk, -1), axis=0)
+        sel = kk == kb
+        o = t - tl.sum(tl.where(sel, start, 0), axis=0)
+        n1 = tl.sum(tl.where(sel, t1, 0), axis=0)
+        if o < n1:
+            # ---- pass 1, tile j of request b ----
+            b = kb
+            j = o
+            L = tl.sum(tl.where(sel, l1, 0), axis=0)
+            k0 = j * TK
+            end = tl.minimum(k0 + TK, L)
+            qv = _load_q(q_ptr, k_ptr, b, hh, h_ok, d, d_ok, sq_b, sq_h, sq_d, HALF_DOT)
+            bt_row = bt_ptr + b.to(tl.int64) * sbt_b
+            m = tl.full([H_PAD], float("-inf"), tl.float32)
+            s0 = tl.zeros([H_PAD], tl.float32)
+            s1 = tl.zeros([H_PAD], tl.float32)
+            a = tl.zeros([H_PAD], tl.float32)
+            for n0 in range(k0, end, BLOCK_N):
+                s = _all_head_scores(qv, k_ptr, bt_row, n0, end, r_g, r_j, d, d_ok, gsel,
+                                     scale, sk_n, sk_p, sk_h, sk_d, sbt_n,
+                                     HKV, HKV_PAD, BS, BLOCK_N, H_PAD, HALF_DOT)
+                valid = h_ok[:, None] & ((n0 + nj) < end)[None, :]
+                m, s0, s1, a = _online_update(m, s0, s1, a, s, valid)
+            poff = (b * TMAX + j) * H + hh
+            tl.store(part1_ptr + poff, m, mask=h_ok)
+            tl.store(part1_ptr + plane + poff, s0, mask=h_ok)
+            tl.store(part1_ptr + 2 * plane + poff, s1, mask=h_ok)
+            tl.store(part1_ptr + 3 * plane + poff, a, mask=h_ok)
+            tl.debug_barrier()
+            prev = tl.atomic_add(ctr_ptr + 1 + b, 1, sem="acq_rel")
+            if prev == n1 - 1:
+                _finish_heads(part1_ptr, plane, b * TMAX, n1, head_ptr, out_ptr, b, B, H, L,
+                              H_PAD, S_CHUNK)
+                tl.debug_barrier()
+                tl.atomic_add(ctr_ptr + 1 + b, 1, sem="release")  # n1 + 1: lse ready
+        else:
+            # ---- pass 2, tile j of request b (tiles handed out last first) ----
+            b = kb - LAG
+            n2 = tl.sum(tl.where(sel, t2, 0), axis=0)
+            j = n2 - 1 - (o - n1)
+            L = tl.sum(tl.where(sel, l2, 0), axis=0)
+            ready = tl.atomic_add(ctr_ptr + 1 + b, 0, sem="acquire")
+            while ready <= n2:
+                ready = tl.atomic_add(ctr_ptr + 1 + b, 0, sem="acquire")
+            k0 = j * TK
+            end = tl.minimum(k0 + TK, L)
+            qv = _load_q(q_ptr, k_ptr, b, hh, h_ok, d, d_ok, sq_b, sq_h, sq_d, HALF_DOT)
+            lse = tl.load(head_ptr + b * H + hh, mask=h_ok, other=0.0, volatile=True)
+            bt_row = bt_ptr + b.to(tl.int64) * sbt_b
+            acc = tl.zeros([BLOCK_N], tl.float32)
+            n_sub = tl.cdiv(end - k0, BLOCK_N)
+            for it in range(0, n_sub):
+                n0 = k0 + (n_sub - 1 - it) * BLOCK_N
+                s = _all_head_scores(qv, k_ptr, bt_row, n0, end, r_g, r_j, d, d_ok, gsel,
+                                     scale, sk_n, sk_p, sk_h, sk_d, sbt_n,
+                                     HKV, HKV_PAD, BS, BLOCK_N, H_PAD, HALF_DOT)
+                valid = h_ok[:, None] & ((n0 + nj) < end)[None, :]
+                p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+                pbar = tl.sum(p, axis=0) / H
+                acc += tl.sum(tl.where(valid, tl.abs(p - pbar[None, :]), 0.0), axis=0)
+            tl.store(part2_ptr + b * TMAX + j, tl.sum(acc, axis=0))
+            tl.debug_barrier()
+            prev = tl.atomic_add(ctr_ptr + 1 + B + b, 1, sem="acq_rel")
+            if prev == n2 - 1:
+                tot = _sum_parts(part2_ptr, b * TMAX, n2, S_CHUNK2)
+                tl.store(out_ptr + 2 * B + b, tot / (H * 1.0 * L))
+        t = tl.atomic_add(ctr_ptr, 1)
 
 
 # ----------------------------------------------------------------------------
@@ -384,6 +534,12 @@ class _Plan:
     num_stages1: int
     num_stages2: int
     reverse: bool
+    # fused single-launch variant
+    tk: int
+    tmax: int
+    programs: int
+    lag: int
+    kb_pad: int
 
 
 def _check_inputs(q, key_cache, block_table, seq_lens):
@@ -427,7 +583,7 @@ def _check_inputs(q, key_cache, block_table, seq_lens):
 def _plan(q, key_cache, block_table, seq_lens, max_seq_len=None, *, block_n1=None,
           keys_per_split1=None, block_n2=None, keys_per_split2=None, num_warps1=None,
           num_warps2=None, num_stages1=None, num_stages2=None, reverse=True,
-          half_dot=None) -> _Plan:
+          half_dot=None, tile_keys=None, programs=None, lag=None) -> _Plan:
     _check_inputs(q, key_cache, block_table, seq_lens)
     B, H, D = q.shape
     BS, HKV = key_cache.shape[1], key_cache.shape[2]
@@ -447,13 +603,15 @@ def _plan(q, key_cache, block_table, seq_lens, max_seq_len=None, *, block_n1=Non
     # fp32 path multiplies with FMAs and needs smaller tiles / more warps.
     wide = D_PAD <= 128
     if half_dot:
-        bn1 = block_n1 or (64 if wide else 32)
+        bn1 = block_n1 or (128 if wide else 64)
         rows2 = 64 if wide else 32
         warps = 4
+        warps1 = 8
     else:
         bn1 = block_n1 or (32 if wide else 16)
         rows2 = 64 if wide else 32
         warps = 8
+        warps1 = 8
     if keys_per_split1:
         kps1 = _round_up(int(keys_per_split1), bn1)
     else:
@@ -468,10 +626,26 @@ def _plan(q, key_cache, block_table, seq_lens, max_seq_len=None, *, block_n1=Non
         ns = max(1, min(1024, -(-4 * sms // max(B, 1))))
         kps2 = _round_up(-(-bound // ns), bn2)
     ns2 = -(-bound // kps2)
-    return _Plan(B=B, H=H, HKV=HKV, G=G, D=D, BS=BS, L_CAP=bound, bound=bound,
+
+    # Fused variant: tiles of TK keys (all heads), persistent programs, pass 2
+    # of request r handed out after pass 1 of request r + lag.
+    # The keys read while a tile is in flight (programs x tile) should stay well
+    # inside L2 (~8 MB), and a request should have at most ~256 tiles (the
+    # last pass-1 tile merges them all).
+    n_prog = programs or 2 * sms
+    key_bytes = HKV * D * key_cache.element_size()
+    tk = tile_keys or min(1024, max(16, _pow2((8 << 20) // (n_prog * key_bytes)),
+                                    _pow2(-(-bound // 256))))
+    tk = _round_up(int(tk), bn2)
+    tmax = -(-bound // tk)
+    if lag is None:
+        lag = -(-n_prog * tk // bound) + 1
+    lag = max(0, min(int(lag), max(B, 1)))
+    return _Plan(tk=tk, tmax=tmax, programs=int(n_prog), lag=lag, kb_pad=_pow2(B + lag),
+                 B=B, H=H, HKV=HKV, G=G, D=D, BS=BS, L_CAP=bound, bound=bound,
                  half_dot=bool(half_dot), D_PAD=D_PAD, G_PAD=G_PAD, H_PAD=H_PAD,
                  HKV_PAD=HKV_PAD, block_n1=bn1, kps1=kps1, ns1=ns1, block_n2=bn2, kps2=kps2,
-                 ns2=ns2, num_warps1=num_warps1 or warps, num_warps2=num_warps2 or warps,
+                 ns2=ns2, num_warps1=num_warps1 or warps1, num_warps2=num_warps2 or warps,
                  num_stages1=num_stages1 or 3, num_stages2=num_stages2 or 2,
                  reverse=bool(reverse))
 
@@ -512,6 +686,22 @@ def _launch_pass2(p: _Plan, q, key_cache, block_table, seq_lens, scale, lse, row
     )
 
 
+def _launch_fused(p: _Plan, q, key_cache, block_table, seq_lens, scale, ctr, head, out):
+    part1 = torch.empty((4, p.B, p.tmax, p.H), dtype=torch.float32, device=q.device)
+    part2 = torch.empty((p.B, p.tmax), dtype=torch.float32, device=q.device)
+    grid = (max(1, min(p.programs, p.B * p.tmax * 2)),)
+    _fused_kernel[grid](
+        q, key_cache, block_table, seq_lens, part1, part2, ctr, head, out,
+        float(scale), p.B, p.H, p.tmax, p.tk, p.L_CAP, p.lag,
+        q.stride(0), q.stride(1), q.stride(2),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), key_cache.stride(3),
+        block_table.stride(0), block_table.stride(1),
+        G=p.G, HKV=p.HKV, HKV_PAD=p.HKV_PAD, BS=p.BS, BLOCK_N=p.block_n2, D=p.D,
+        D_PAD=p.D_PAD, H_PAD=p.H_PAD, KB_PAD=p.kb_pad, S_CHUNK=16, S_CHUNK2=128,
+        HALF_DOT=p.half_dot, num_warps=p.num_warps2, num_stages=p.num_stages2,
+    )
+
+
 # ----------------------------------------------------------------------------
 # Public entry points
 # ----------------------------------------------------------------------------
@@ -529,10 +719,18 @@ def paged_attention_stats(q: torch.Tensor, key_cache: torch.Tensor, block_table:
     ``keys_per_split1``, ``block_n2``, ``keys_per_split2``, ``num_warps1/2``,
     ``num_stages1/2``, ``reverse``, ``half_dot``); for tests and benchmarks.
     """
+    fused = tuning.pop("fused", False)
     p = _plan(q, key_cache, block_table, seq_lens, max_seq_len, **tuning)
     dev = q.device
     if p.B == 0:
         return AttnStats.zeros(0, device=dev)
+    if fused:
+        buf = torch.zeros(6 * p.B + 1, dtype=torch.int32, device=dev)
+        out = buf[: 4 * p.B].view(torch.float32).view(4, p.B)
+        head = torch.empty((3, p.B, p.H), dtype=torch.float32, device=dev)
+        _launch_fused(p, q, key_cache, block_table, seq_lens, scale, buf[4 * p.B:], head, out)
+        return AttnStats(attn_entropy=out[0], attn_varentropy=out[1], agreement=out[2],
+                         interaction_strength=out[3])
     # One zeroed buffer: 4*B float32 outputs (0 bits = 0.0) and 2*B counters.
     buf = torch.zeros(6 * p.B, dtype=torch.int32, device=dev)
     out = buf[: 4 * p.B].view(torch.float32).view(4, p.B)
