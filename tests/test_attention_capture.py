@@ -313,10 +313,11 @@ def test_adjust_vllm_config_switches_full_cudagraphs():
     assert cc.splitting_ops_contain_attention()
     pc = ParallelConfig()
     pc.enable_batch_sharded_sampling = True
+    pc.enable_dbo = True
     h = Holder(cc, pc)
     changes = A.adjust_vllm_config(h)
-    assert cc.cudagraph_mode == CUDAGraphMode.PIECEWISE and len(changes) == 2
-    assert pc.enable_batch_sharded_sampling is False
+    assert cc.cudagraph_mode == CUDAGraphMode.PIECEWISE and len(changes) == 3
+    assert pc.enable_batch_sharded_sampling is False and pc.enable_dbo is False
     assert A.adjust_vllm_config(h) == []  # idempotent; PIECEWISE stays
     # Without piecewise compilation there is no eager attention: no graphs.
     cc2 = CompilationConfig(mode=CompilationMode.NONE, cudagraph_mode=CUDAGraphMode.FULL_DECODE_ONLY)

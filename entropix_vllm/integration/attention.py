@@ -35,7 +35,9 @@ How it works
   are read in place as the strided view ``kv_cache.transpose(1, 2)
   .split(head_size, -1)[0]`` = ``[num_blocks, block_size, H_kv, D]`` (the same
   view those backends hand to their kernels); with a quantized KV cache
-  (``kv_cache_dtype != "auto"``) or tensor parallelism they use the copy too.
+  (``kv_cache_dtype != "auto"``) or tensor parallelism they use the copy too
+  (one layer's keys of all heads; not counted in vLLM's KV-cache memory
+  budget, its size is logged).
 * Alignment with the logits rows: with both model runners and no speculative
   decoding the sampler's logits rows are ``hidden_states[query_start_loc[1:] - 1]``,
   one row per scheduled request in ``query_start_loc`` order, partial-prefill
@@ -45,6 +47,8 @@ How it works
   pad the request count: only the first ``num_rows`` figures are returned.
   MRV2's batch-sharded sampling (rows reordered per TP rank) is switched off by
   :func:`install`.
+* Micro-batching (dual-batch overlap) would run the chosen layer once per
+  micro-batch: :func:`install` turns DBO off and refuses ``ubatch_size > 1``.
 * Tensor parallelism: each rank holds ``H / tp`` query heads and its KV heads.
   The chosen layer all-gathers (over vLLM's TP group) its query rows and its new
   keys along the head axis, in rank order, which is the model's head order, so
@@ -56,17 +60,20 @@ How it works
   would not run, so :func:`adjust_vllm_config` (called by :func:`install`,
   callable earlier by the plugin) switches the engine to ``PIECEWISE`` (the
   attention op is a splitting op and runs eagerly between graph pieces), or
-  to ``NONE`` when piecewise compilation is off, and logs one line. CPU has no
+  to ``NONE`` when piecewise compilation is off, and logs one line. Editing
+  the worker's config before its model runner exists is enough for the
+  runner; the plugin may also call it where the engine config is created so
+  that every process agrees. CPU has no
   CUDA graphs; its default compilation (``DYNAMO_TRACE_ONCE`` + inductor) keeps
   the attention custom op opaque, so the wrapper runs eagerly every step.
 
 Supported: ``CPU_ATTN`` (CPU), ``FLASH_ATTN`` and ``TRITON_ATTN`` (CUDA).
 Anything else (FlashInfer, MLA backends, FlexAttention, ROCm backends, ...)
 raises at start-up naming the backend and the supported ones.
-Not supported (start-up error): pipeline parallelism, decode context
-parallelism. Figures follow SPEC section 2 literally: plain scaled dot-product
-scores over all ``L`` positions, whatever sliding window, ALiBi or logit
-soft-capping the model applies (a warning says so once).
+Not supported (start-up error): pipeline parallelism, decode / prefill
+context parallelism, micro-batching. Figures follow SPEC section 2 literally:
+plain scaled dot-product scores over all ``L`` positions, whatever sliding
+window, ALiBi or logit soft-capping the model applies (a warning says so once).
 
 Debug recording (off by default): :func:`set_debug_recording` or the
 environment variable ``ENTROPIX_ATTN_RECORD=1`` appends, for each forward pass
@@ -85,7 +92,8 @@ import torch
 
 from ..reference import AttnStats
 
-logger = logging.getLogger("entropix_vllm.attention")
+# Under the "vllm" logger so that lines appear in vLLM's log with its handlers.
+logger = logging.getLogger("vllm.entropix.attention")
 
 # Backend name -> (module, impl class name). Read from vllm 0.32.0.
 _SUPPORTED = {
@@ -145,6 +153,13 @@ def adjust_vllm_config(vllm_config) -> List[str]:
         msg = "Entropix: batch-sharded sampling reorders the logits rows; turned off"
         logger.warning(msg)
         changes.append(msg)
+    if pc is not None and getattr(pc, "enable_dbo", False):
+        # Micro-batches run the chosen layer once per micro-batch, each with a
+        # part of the requests.
+        pc.enable_dbo = False
+        msg = "Entropix: dual-batch overlap splits the forward pass into micro-batches; turned off"
+        logger.warning(msg)
+        changes.append(msg)
     return changes
 
 
@@ -156,10 +171,15 @@ def _check_parallel(vllm_config) -> None:
         raise AttentionCaptureError(
             "Entropix attention figures do not support pipeline parallelism "
             f"(pipeline_parallel_size={pc.pipeline_parallel_size}); use tensor parallelism")
-    if getattr(pc, "decode_context_parallel_size", 1) > 1:
+    for attr in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+        if getattr(pc, attr, 1) > 1:
+            raise AttentionCaptureError(
+                "Entropix attention figures do not support context parallelism "
+                f"({attr}={getattr(pc, attr)})")
+    if getattr(pc, "ubatch_size", 0) > 1:
         raise AttentionCaptureError(
-            "Entropix attention figures do not support decode context parallelism "
-            f"(decode_context_parallel_size={pc.decode_context_parallel_size})")
+            "Entropix attention figures do not support micro-batching "
+            f"(ubatch_size={pc.ubatch_size})")
 
 
 # ----------------------------------------------------------------------------
