@@ -115,11 +115,11 @@ def cuda_main(args):
     if args.sweep:
         rows = []
         shapes = [(1, 128256), (8, 128256), (64, 128256), (256, 128256), (1024, 32000)]
-        configs = [dict(layout="row", block=b, num_warps=w) for b in (2048, 4096, 8192)
-                   for w in (4, 8)]
-        configs += [dict(layout="split", block=b, num_warps=w, num_splits=ns)
-                    for b in (1024, 2048, 4096) for w in (4, 8) for ns in (None,)]
-        configs += [dict(layout="split", block=2048, num_warps=4, num_splits=ns)
+        configs = [dict(layout="row", block=b, num_warps=w, prefetch=pf)
+                   for b in (2048, 4096, 8192) for w in (4, 8) for pf in (False, True)]
+        configs += [dict(layout="split", block=b, num_warps=w, prefetch=pf)
+                    for b in (1024, 2048, 4096) for w in (4, 8) for pf in (False, True)]
+        configs += [dict(layout="split", block=2048, num_warps=8, num_splits=ns)
                     for ns in (8, 16, 32, 64)]
         for B, V in shapes:
             x = make(B, V, torch.float32)
@@ -135,9 +135,9 @@ def cuda_main(args):
                     rows.append((B, V, cfg, "error: " + type(e).__name__, "", ""))
                     continue
                 p = plan(B, V, K, dev, cfg["layout"], cfg.get("num_splits"), cfg["block"],
-                         cfg["num_warps"])
+                         cfg["num_warps"], cfg.get("prefetch", False))
                 rows.append((B, V, f"{cfg['layout']} blk={cfg['block']} w={cfg['num_warps']} "
-                             f"NS={p['NS']}", f"{t * 1e3:.1f}", f"{nbytes / t / 1e6:.0f}",
+                             f"NS={p['NS']} pf={int(cfg.get('prefetch', False))}", f"{t * 1e3:.1f}", f"{nbytes / t / 1e6:.0f}",
                              f"{(nbytes / t) / (2 * nbytes / t_copy):.2f}"))
             print(f"(sweep {B}x{V} done)", file=sys.stderr, flush=True)
         print("### Launch configuration sweep (fp32)\n")

@@ -180,6 +180,14 @@ def test_bitonic_network_path(kw):
     check(x, network=True, block=256, **kw)
 
 
+@pytest.mark.parametrize("kw", LAYOUTS, ids=LAYOUT_IDS)
+def test_prefetch_and_warps(kw):
+    """Launch variants (next-tile prefetch, warps, tile size) give the same results."""
+    x = make_batch(("gauss", "masked", "all_neg_inf", "peaked", "flat"), 3000, seed=8,
+                   dtype=torch.bfloat16)
+    check(x, prefetch=True, block=512, num_warps=2, **kw)
+
+
 @pytest.mark.parametrize("V", [1, 2, 7, 130, 1000])
 @pytest.mark.parametrize("kw", LAYOUTS, ids=LAYOUT_IDS)
 def test_small_vocab(V, kw):

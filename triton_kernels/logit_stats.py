@@ -22,14 +22,18 @@ Algorithm (per row, one pass over the vocabulary in tiles of ``R x G`` logits):
 * Argmax: the lowest id holding the row max, updated only when a tile's max
   strictly exceeds the running max.
 * Candidates. The running top-``KP`` list (``KP = max(16, next_pow2(k))``) is
-  kept as int64 keys (value, then lower id) sorted descending, with ``thr`` its
-  smallest value. A tile is viewed as ``R = KP`` groups of ``G`` consecutive
-  ids; while some group's largest remaining entry is ``> thr``: the group
-  maxima (masked to the minimum key when ``<= thr``) are sorted ascending,
-  combined with the running list by an elementwise max (which leaves the top
-  ``KP`` of the union as a bitonic sequence) and bitonic-merged; the taken
-  entries are removed from the tile. Once the list is warm most tiles need one
-  round or none. NaN counts as ``-inf`` here, as in ``reference.topk_candidates``.
+  kept as int64 keys (value, then lower id; see ``_pack_key``) sorted
+  descending, starting with filler keys below every real key ("empty
+  slots"); ``thr`` is the value of its last key (NaN while slots are empty). A
+  tile whose max is ``> thr`` (or any tile while slots are empty) is viewed as
+  ``R = KP`` groups of ``G`` consecutive ids; while some group's largest
+  remaining key beats the list's last key: the group maxima (others masked to
+  the minimum key) are merged into the list (bitonic sort of the group keys,
+  elementwise max with the list, bitonic merge; see ``_merge_into_run``), and
+  each group's next largest key is found by re-reading the tile (an L1/L2 hit;
+  nothing of the tile stays live across the merge). Once the list is warm
+  most tiles need one round or none. NaN counts as ``-inf`` here, as in
+  ``reference.topk_candidates``; ties keep the lower id.
 
 Two launch layouts:
 
@@ -57,8 +61,8 @@ import triton.language as tl
 from entropix_vllm.config import K_MAX
 from entropix_vllm.reference import LogitStats
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 MAX_SPLITS = 64  # upper bound on vocabulary splits per row (merge kernel size)
 
@@ -94,10 +98,10 @@ def _sort_cube(h, LN: tl.constexpr, DESC: tl.constexpr):
     """
     for s in tl.static_range(1, LN + 1):
         for i in tl.static_range(s):
-            j: tl.constexpr = s - 1 - i
+            # compare-exchange along index bit j = s - 1 - i
             upper = tl.arange(0, 2)
             for n in tl.static_range(LN):
-                if n != LN - 1 - j:
+                if n != LN - s + i:
                     upper = tl.expand_dims(upper, n)
             if s < LN:
                 blk = tl.arange(0, 2)
@@ -107,7 +111,7 @@ def _sort_cube(h, LN: tl.constexpr, DESC: tl.constexpr):
                 take_max = (upper ^ blk ^ DESC) != 0
             else:
                 take_max = (upper ^ DESC) != 0
-            partner = tl.sum(h, LN - 1 - j, keep_dims=True) - h
+            partner = tl.sum(h, LN - s + i, keep_dims=True) - h
             h = tl.where(take_max, tl.maximum(h, partner), tl.minimum(h, partner))
     return h
 
@@ -116,12 +120,12 @@ def _sort_cube(h, LN: tl.constexpr, DESC: tl.constexpr):
 def _merge_desc_cube(h, LK: tl.constexpr, ND: tl.constexpr):
     """Sort every bitonic run over the ``LK`` innermost bits of a ``[2]*ND`` cube, descending."""
     for i in tl.static_range(LK):
-        j: tl.constexpr = LK - 1 - i
+        # compare-exchange along index bit j = LK - 1 - i (cube axis ND - LK + i)
         upper = tl.arange(0, 2)
         for n in tl.static_range(ND):
-            if n != ND - 1 - j:
+            if n != ND - LK + i:
                 upper = tl.expand_dims(upper, n)
-        partner = tl.sum(h, ND - 1 - j, keep_dims=True) - h
+        partner = tl.sum(h, ND - LK + i, keep_dims=True) - h
         h = tl.where(upper == 0, tl.maximum(h, partner), tl.minimum(h, partner))
     return h
 
@@ -187,7 +191,7 @@ def _logit_stats_kernel(
     out_max, out_arg, out_lse, out_ent, out_vent, cand_v, cand_i, NC,
     part_f, part_i, part_k,
     R: tl.constexpr, G: tl.constexpr, LK: tl.constexpr,
-    CAND: tl.constexpr, FINAL: tl.constexpr, NET: tl.constexpr,
+    CAND: tl.constexpr, FINAL: tl.constexpr, NET: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Program (row, split): vocabulary ids ``[split*CHUNK, min(V, (split+1)*CHUNK))``.
 
@@ -212,13 +216,22 @@ def _logit_stats_kernel(
     M2 = S0
     am = tl.sum(tl.zeros([R], tl.int32), axis=0)
     if CAND:
-        run = _pack_key(tl.full([R], NEG_INF, tl.float32), rr)  # descending already
-        thr = m
+        # key_min: below every key; the list starts with distinct filler keys
+        # just above it (their value field decodes to NaN, i.e. "empty slot")
         key_min = tl.full([R], -2147483648, tl.int64) << 32
+        run = key_min | (0x7FFFFFFF - rr).to(tl.int64)
+        thr = _key_value(tl.min(run, axis=0))  # NaN while the list has empty slots
 
+    if PREFETCH:  # register double buffering: the next tile's load is in flight
+        x_next = tl.load(base + lo + offs2, mask=lo + offs2 < hi, other=NEG_INF)
     for start in range(lo, hi, R * G):
         offs = start + offs2
-        x = tl.load(base + offs, mask=offs < hi, other=NEG_INF).to(tl.float32)
+        if PREFETCH:
+            x = x_next.to(tl.float32)
+            nxt = offs + R * G
+            x_next = tl.load(base + nxt, mask=nxt < hi, other=NEG_INF)
+        else:
+            x = tl.load(base + offs, mask=offs < hi, other=NEG_INF).to(tl.float32)
         xc = tl.where(x != x, NEG_INF, x)
         gmax = tl.max(xc, axis=1)
         tmax = tl.max(gmax, axis=0)
@@ -251,15 +264,22 @@ def _logit_stats_kernel(
         m = m_new
 
         if CAND:
-            gm = gmax
-            xw = xc
-            while tl.max(gm, axis=0) > thr:
-                ga = tl.min(tl.where(xw == gm[:, None], gg[None, :], G), axis=1)
-                key = tl.where(gm > thr, _pack_key(gm, start + rr * G + ga), key_min)
-                run = _merge_into_run(run, key, R, LK, NET)
-                thr = _key_value(tl.min(run, axis=0))
-                xw = tl.where(gg[None, :] == ga[:, None], NEG_INF, xw)
-                gm = tl.max(xw, axis=1)
+            # a tile can only matter if its max beats the K-th value (equal
+            # values cannot: their ids are higher) or the list has empty slots
+            if (tmax > thr) | (thr != thr):
+                tkey = tl.where(offs < hi, _pack_key(xc, offs), key_min[:, None])
+                gk = tl.max(tkey, axis=1)
+                thr_k = tl.min(run, axis=0)
+                while tl.max(gk, axis=0) > thr_k:
+                    run = _merge_into_run(run, tl.where(gk > thr_k, gk, key_min), R, LK, NET)
+                    thr_k = tl.min(run, axis=0)
+                    # each group's next largest key: re-read the tile (L1/L2
+                    # hit) rather than keep it live across the merge
+                    xr = tl.load(base + offs, mask=offs < hi, other=NEG_INF).to(tl.float32)
+                    xr = tl.where(xr != xr, NEG_INF, xr)
+                    tkey = tl.where(offs < hi, _pack_key(xr, offs), key_min[:, None])
+                    gk = tl.max(tl.where(tkey < gk[:, None], tkey, key_min[:, None]), axis=1)
+                thr = _key_value(thr_k)
 
     if FINAL:
         bad = S0 != S0
@@ -277,8 +297,10 @@ def _logit_stats_kernel(
         if CAND:
             ids = _key_id(run)
             ids = tl.where(ids < V, ids, 0)
+            vals = _key_value(run)
+            vals = tl.where(vals != vals, NEG_INF, vals)  # empty slots
             cm = rr < NC
-            tl.store(cand_v + row.to(tl.int64) * NC + rr, _key_value(run), mask=cm)
+            tl.store(cand_v + row.to(tl.int64) * NC + rr, vals, mask=cm)
             tl.store(cand_i + row.to(tl.int64) * NC + rr, ids.to(tl.int64), mask=cm)
     else:
         p = row.to(tl.int64) * NS + split
@@ -349,15 +371,15 @@ def _merge_kernel(
             # tree merge: at each level list 2i and the reversed list 2i+1 are
             # combined by an elementwise max (top KP of the pair, bitonic), then
             # sorted by a bitonic merge.
+            # (the cube has LS - lvl + LK dimensions at level lvl)
             for lvl in tl.static_range(LS):
-                ND: tl.constexpr = LS - lvl + LK
                 r = h
                 for j in tl.static_range(LK):
-                    r = tl.sum(r, ND - 1 - j, keep_dims=True) - r
-                odd = _bit_of_index(ND, LK)
+                    r = tl.sum(r, LS - lvl + LK - 1 - j, keep_dims=True) - r
+                odd = _bit_of_index(LS - lvl + LK, LK)
                 h = tl.where(odd != 0, r, h)
-                h = tl.max(h, axis=ND - 1 - LK)
-                h = _merge_desc_cube(h, LK, ND - 1)
+                h = tl.max(h, axis=LS - lvl - 1)
+                h = _merge_desc_cube(h, LK, LS - lvl + LK - 1)
             run = tl.reshape(h, [KP])
         else:
             run = tl.load(part_k + (row.to(tl.int64) * NS) * KP + kk)
@@ -366,8 +388,10 @@ def _merge_kernel(
                 run = _merge_into_run(run, other, KP, LK, NET)
         ids = _key_id(run)
         ids = tl.where(ids < V, ids, 0)
+        vals = _key_value(run)
+        vals = tl.where(vals != vals, NEG_INF, vals)  # empty slots
         cm = kk < NC
-        tl.store(cand_v + row.to(tl.int64) * NC + kk, _key_value(run), mask=cm)
+        tl.store(cand_v + row.to(tl.int64) * NC + kk, vals, mask=cm)
         tl.store(cand_i + row.to(tl.int64) * NC + kk, ids.to(tl.int64), mask=cm)
 
 
@@ -394,13 +418,14 @@ def _next_pow2(n: int) -> int:
 
 def plan(B: int, V: int, num_candidates: int, device: torch.device, layout: str = "auto",
          num_splits: Optional[int] = None, block: Optional[int] = None,
-         num_warps: Optional[int] = None):
-    """Launch plan ``dict(NS, CHUNK, R, G, KP, num_warps)`` for a ``[B, V]`` input.
+         num_warps: Optional[int] = None, prefetch: bool = False):
+    """Launch plan ``dict(NS, CHUNK, R, G, KP, num_warps, prefetch)`` for a ``[B, V]`` input.
 
     ``layout``: ``"auto"`` (split when ``B`` is below the SM count), ``"row"``
     or ``"split"``. ``num_splits`` forces the split count (clamped to
     ``1..min(MAX_SPLITS, ceil(V / tile))``); ``block`` forces the tile size
-    (a power of two >= KP); ``num_warps`` the warps per program.
+    (a power of two >= KP); ``num_warps`` the warps per program; ``prefetch``
+    loads the next tile before working on the current one.
     """
     if layout not in ("auto", "row", "split"):
         raise ValueError(f"layout: expected 'auto', 'row' or 'split', got {layout!r}")
@@ -424,13 +449,14 @@ def plan(B: int, V: int, num_candidates: int, device: torch.device, layout: str 
     ns = triton.cdiv(V, chunk)
     if num_warps is None:
         num_warps = 8 if block >= 4096 else 4
-    return dict(NS=ns, CHUNK=chunk, R=KP, G=block // KP, KP=KP, num_warps=num_warps)
+    return dict(NS=ns, CHUNK=chunk, R=KP, G=block // KP, KP=KP, num_warps=num_warps,
+                prefetch=prefetch)
 
 
 def fused_logit_stats(logits: torch.Tensor, num_candidates: int = K_MAX, *,
                       layout: str = "auto", num_splits: Optional[int] = None,
                       block: Optional[int] = None, network: Optional[bool] = None,
-                      num_warps: Optional[int] = None
+                      num_warps: Optional[int] = None, prefetch: Optional[bool] = None
                       ) -> Tuple[LogitStats, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """One read of ``logits [B, V]`` (float32, float16 or bfloat16; ``V >= 1``;
     rows may be strided, the last dimension must be contiguous or is made so).
@@ -445,7 +471,7 @@ def fused_logit_stats(logits: torch.Tensor, num_candidates: int = K_MAX, *,
     ``cand_ids`` int64 (padding ids are valid ids); ``None, None`` when
     ``num_candidates == 0``.
 
-    ``layout``/``num_splits``/``block``/``num_warps`` override the launch plan (see
+    ``layout``/``num_splits``/``block``/``num_warps``/``prefetch`` override the launch plan (see
     :func:`plan`); ``network`` picks the candidate-merge implementation
     (bitonic network, the default on CUDA; rank placement, the default under
     the interpreter). Results do not depend on them beyond float32 rounding
@@ -477,7 +503,8 @@ def fused_logit_stats(logits: torch.Tensor, num_candidates: int = K_MAX, *,
     if B == 0:
         return (stats, cand_v, cand_i) if cand else (stats, None, None)
 
-    p = plan(B, V, NC, dev, layout, num_splits, block, num_warps)
+    p = plan(B, V, NC, dev, layout, num_splits, block, num_warps,
+             bool(prefetch) if prefetch is not None else False)
     NS, R, G, KP = p["NS"], p["R"], p["G"], p["KP"]
     LK = KP.bit_length() - 1
     net = bool(logits.is_cuda) if network is None else bool(network)
@@ -486,7 +513,7 @@ def fused_logit_stats(logits: torch.Tensor, num_candidates: int = K_MAX, *,
             logits, logits.stride(0), V, p["CHUNK"], 1,
             out_max, out_arg, out_lse, out_ent, out_vent, cand_v, cand_i, NC,
             out_max, out_arg, out_arg,
-            R=R, G=G, LK=LK, CAND=cand, FINAL=True, NET=net, num_warps=p["num_warps"])
+            R=R, G=G, LK=LK, CAND=cand, FINAL=True, NET=net, PREFETCH=p["prefetch"], num_warps=p["num_warps"])
     else:
         part_f = torch.empty((B, NS, 4), **f32)
         part_i = torch.empty((B, NS), device=dev, dtype=torch.int32)
@@ -495,7 +522,7 @@ def fused_logit_stats(logits: torch.Tensor, num_candidates: int = K_MAX, *,
             logits, logits.stride(0), V, p["CHUNK"], NS,
             out_max, out_arg, out_lse, out_ent, out_vent, cand_v, cand_i, NC,
             part_f, part_i, part_k,
-            R=R, G=G, LK=LK, CAND=cand, FINAL=False, NET=net, num_warps=p["num_warps"])
+            R=R, G=G, LK=LK, CAND=cand, FINAL=False, NET=net, PREFETCH=p["prefetch"], num_warps=p["num_warps"])
         NSP = _next_pow2(NS)
         _merge_kernel[(B,)](
             part_f, part_i, part_k, NS, V,
