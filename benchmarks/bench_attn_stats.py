@@ -81,18 +81,12 @@ from entropix_vllm import ops  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Launch-parameter variants timed by --sweep (keyword arguments of
-# paged_attention_stats; "fused" selects the single-launch persistent kernel).
+# paged_attention_stats).
 VARIANTS = {
-    "two-pass": dict(fused=False),
-    "bn1=64,w1=4": dict(fused=False, block_n1=64, num_warps1=4),
-    "bn2=16,w2=4": dict(fused=False, block_n2=16, num_warps2=4),
-    "bn2=16,w2=8": dict(fused=False, block_n2=16, num_warps2=8),
-    "fused": dict(fused=True),
-    "fused,w8": dict(fused=True, num_warps2=8),
-    "fused,tk=64": dict(fused=True, tile_keys=64),
-    "fused,tk=256": dict(fused=True, tile_keys=256),
-    "fused,lag=0": dict(fused=True, lag=0),
-    "fused,lag=16": dict(fused=True, lag=16),
+    "default": {},
+    "bn1=64,w1=4": dict(block_n1=64, num_warps1=4),
+    "bn2=16,w2=4": dict(block_n2=16, num_warps2=4),
+    "bn2=16,w2=8": dict(block_n2=16, num_warps2=8),
 }
 
 
@@ -252,12 +246,11 @@ def run_cuda(args):
           f"all sequences of the full context")
     print(f"- timing: triton.testing.do_bench median, L2 flushed before each run, launches "
           f"included{'; graph: GPU-only time from CUDA graphs' if args.graph else ''}")
-    print(f"- stats called with max_seq_len={'no' if args.no_max_seq_len else 'yes'}; "
-          f"two-pass = two launches (pass 1, pass 2), fused = one persistent launch\n")
-    cols = ["batch", "context", "K read (GiB)", "read K once (ms)", "read GB/s",
-            "two-pass (ms)", "two-pass / read", "fused (ms)", "fused / read"]
+    print(f"- stats called with max_seq_len={'no' if args.no_max_seq_len else 'yes'}\n")
+    cols = ["batch", "context", "K read (GiB)", "read K once (ms)", "read GB/s", "stats (ms)",
+            "stats / read"]
     if args.graph:
-        cols += ["graph: read (ms)", "graph: two-pass (ms)", "graph: fused (ms)"]
+        cols += ["graph: read (ms)", "graph: stats (ms)", "graph: stats / read"]
     cols.append("one decode step")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     print(lines[0])
@@ -284,20 +277,19 @@ def run_cuda(args):
                 if best_read is None or t < best_read:
                     best_read, best_cfg = t, (bn, nw)
 
-            def stats(fused, **kw):
+            def stats(**kw):
                 return lambda: tk.paged_attention_stats(q, k, bt, sl, scale, max_seq_len=mx,
-                                                        fused=fused, **kw)
+                                                        **kw)
 
-            t2 = bench_cuda(stats(False), args.rep)
-            tf = bench_cuda(stats(True), args.rep)
+            ts = bench_cuda(stats(), args.rep)
             gbs = k_bytes / (best_read * 1e-3) / 1e9
             row = [str(B), str(L), f"{k_bytes / 2**30:.3f}", f"{best_read:.4f}", f"{gbs:.0f}",
-                   f"{t2:.4f}", f"{t2 / best_read:.2f}", f"{tf:.4f}", f"{tf / best_read:.2f}"]
+                   f"{ts:.4f}", f"{ts / best_read:.2f}"]
             if args.graph:
                 bn, nw = best_cfg
-                row.append(f"{bench_graph(lambda: read_keys_once(k, bt, sl, L, bn, nw, programs)):.4f}")
-                row.append(f"{bench_graph(stats(False)):.4f}")
-                row.append(f"{bench_graph(stats(True)):.4f}")
+                gr = bench_graph(lambda: read_keys_once(k, bt, sl, L, bn, nw, programs))
+                gs = bench_graph(stats())
+                row += [f"{gr:.4f}", f"{gs:.4f}", f"{gs / gr:.2f}" if gr > 0 else "n/a"]
             row.append("not measured")
             lines.append("| " + " | ".join(row) + " |")
             print(lines[-1], flush=True)
@@ -312,10 +304,8 @@ def run_cuda(args):
                 sweep_lines.append(f"| {B} | {L} | pass 2 alone | {p2:.4f} | "
                                    f"{p2 / best_read:.2f} |")
                 for name, kw in VARIANTS.items():
-                    kw = dict(kw)
-                    fused = kw.pop("fused")
                     try:
-                        t = bench_cuda(stats(fused, **kw), args.rep)
+                        t = bench_cuda(stats(**kw), args.rep)
                         sweep_lines.append(f"| {B} | {L} | {name} | {t:.4f} | "
                                            f"{t / best_read:.2f} |")
                     except Exception as e:  # a variant that does not compile here

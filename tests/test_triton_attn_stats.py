@@ -145,18 +145,10 @@ SMALL = [
 ]
 
 
-# The fused single-launch variant, with small tiles so that requests span
-# several tiles, and lags 0 (pass 2 of a request right after its pass 1) and 1.
-FUSED = dict(fused=True, tile_keys=32, block_n2=16, lag=1)
-FUSED0 = dict(fused=True, tile_keys=16, block_n2=16, lag=0)
-
-
-@pytest.mark.parametrize("variant", ["two-pass", "fused", "fused-lag0"])
 @pytest.mark.parametrize("case", range(len(SMALL)))
-def test_fp32_matches_reference(case, variant):
+def test_fp32_matches_reference(case):
     lens, H, HKV, D, BS, tuning = SMALL[case]
-    tuning = {"two-pass": tuning, "fused": FUSED, "fused-lag0": FUSED0}[variant]
-    run_case(lens, H, HKV, D, BS, tuning=tuning, what=f"case {case} {variant}")
+    run_case(lens, H, HKV, D, BS, tuning=tuning, what=f"case {case}")
 
 
 def test_int64_tables_and_lengths_and_max_seq_len():
@@ -168,22 +160,18 @@ def test_int64_tables_and_lengths_and_max_seq_len():
                  torch.float32, "max_seq_len")
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_many_splits(fused):
+def test_many_splits():
     """More splits than one merge chunk in both passes (pass 1 merges 16
     partials at a time, pass 2 adds 128 sums at a time)."""
-    if fused:
-        tuning = dict(fused=True, tile_keys=16, block_n2=16)
-    else:
-        tuning = dict(block_n1=64, keys_per_split1=64, block_n2=16, keys_per_split2=16)
-    run_case([2065, 0], 4, 2, 16, 16, tuning=tuning, what=f"many splits {fused}")
+    run_case([2065, 0], 4, 2, 16, 16, tuning=dict(block_n1=64, keys_per_split1=64,
+                                                   block_n2=16, keys_per_split2=16),
+             what="many splits")
 
 
-@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("layout", ["cut", "vllm"])
-def test_noncontiguous_key_views(layout, fused):
-    tuning = FUSED if fused else dict(keys_per_split1=32, keys_per_split2=16)
-    run_case([20, 49, 3], 9, 3, 32, 16, layout=layout, tuning=tuning, what=layout)
+def test_noncontiguous_key_views(layout):
+    run_case([20, 49, 3], 9, 3, 32, 16, layout=layout,
+             tuning=dict(keys_per_split1=32, keys_per_split2=16), what=layout)
 
 
 def test_noncontiguous_query():
@@ -208,9 +196,6 @@ def test_half_caches(cache_dtype, q_dtype):
         tuning["half_dot"] = True  # the 16-bit dot path (the interpreter has no bf16 dot)
     run_case([9, 64, 100, 0], 8, 2, 64, 16, cache_dtype=cache_dtype, q_dtype=q_dtype,
              layout="vllm", tuning=tuning, what=f"{cache_dtype}/{q_dtype}")
-    tuning = dict(FUSED, half_dot=tuning.get("half_dot"))
-    run_case([9, 64, 100, 0], 8, 2, 64, 16, cache_dtype=cache_dtype, q_dtype=q_dtype,
-             layout="vllm", tuning=tuning, what=f"fused {cache_dtype}/{q_dtype}")
 
 
 def test_peaked_and_shifting_max():
@@ -230,28 +215,25 @@ def test_peaked_and_shifting_max():
         assert_close(tk.paged_attention_stats(q, k, bt, sl, scale, keys_per_split1=32,
                                               keys_per_split2=16, block_n1=16, block_n2=16),
                      want, torch.float32, f"scale {scale}")
-        assert_close(tk.paged_attention_stats(q, k, bt, sl, scale, **FUSED0), want,
-                     torch.float32, f"fused, scale {scale}")
 
 
 def test_zero_lengths_and_empty_batch():
     q, k, bt, sl = make_paged([0, 0, 0], 4, 2, 16, 16)
-    for fused in (False, True):
-        got = tk.paged_attention_stats(q, k, bt, sl, 0.5, fused=fused)
-        for f in FIELDS:
-            assert torch.equal(getattr(got, f).cpu(), torch.zeros(3))
-        got = tk.paged_attention_stats(q[:0], k, bt[:0], sl[:0], 0.5, fused=fused)
-        for f in FIELDS:
-            assert getattr(got, f).shape == (0,)
+    got = tk.paged_attention_stats(q, k, bt, sl, 0.5)
+    for f in FIELDS:
+        assert torch.equal(getattr(got, f).cpu(), torch.zeros(3))
+    got = tk.paged_attention_stats(q[:0], k, bt[:0], sl[:0], 0.5)
+    for f in FIELDS:
+        assert getattr(got, f).shape == (0,)
 
 
 def test_deterministic():
     q, k, bt, sl = make_paged([77, 40, 5], 8, 2, 32, 16)
-    for kw in (dict(keys_per_split1=32, keys_per_split2=32), FUSED):
-        a = tk.paged_attention_stats(q, k, bt, sl, 0.3, **kw)
-        b = tk.paged_attention_stats(q, k, bt, sl, 0.3, **kw)
-        for f in FIELDS:
-            assert torch.equal(getattr(a, f), getattr(b, f)), f
+    kw = dict(keys_per_split1=32, keys_per_split2=32)
+    a = tk.paged_attention_stats(q, k, bt, sl, 0.3, **kw)
+    b = tk.paged_attention_stats(q, k, bt, sl, 0.3, **kw)
+    for f in FIELDS:
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
 
 
 @pytest.mark.parametrize("dtype", [d for d in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, d)]
@@ -305,11 +287,5 @@ def test_cuda_larger(cache_dtype, H, HKV, D, BS):
     scale = D ** -0.5
     want = reference_stats(q, k, bt, sl, scale)
     assert_close(tk.paged_attention_stats(q, k, bt, sl, scale), want, cache_dtype, "bound")
-    for fused in (False, True):
-        assert_close(tk.paged_attention_stats(q, k, bt, sl, scale, max_seq_len=max(lens),
-                                              fused=fused), want, cache_dtype,
-                     f"max_seq_len, fused={fused}")
-    # fused, small tiles: many tiles per request, every program busy
-    assert_close(tk.paged_attention_stats(q, k, bt, sl, scale, max_seq_len=max(lens),
-                                          fused=True, tile_keys=16, lag=0), want, cache_dtype,
-                 "fused, lag 0")
+    assert_close(tk.paged_attention_stats(q, k, bt, sl, scale, max_seq_len=max(lens)), want,
+                 cache_dtype, "max_seq_len")

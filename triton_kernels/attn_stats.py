@@ -39,6 +39,13 @@ in a fixed order and writes ``agreement``. Pass 2 runs its programs in the
 reverse order of pass 1 so that the keys pass 1 read last (still in L2) are
 read first.
 
+Both passes are bandwidth-bound; each costs about one read of the keys at
+large sizes (measured on an H100: benchmarks/RESULTS.md), so the whole costs
+about two reads. A single persistent launch that hands out pass-1 and pass-2
+tiles in an L2-friendly order (re-reading a request's keys while still in L2)
+was built and measured: it was slower everywhere but at batch 1 (per-tile
+overheads, low occupancy), and was dropped.
+
 No host synchronisation: no ``.item()``, no Python loop over requests. The
 grid is sized from ``max_seq_len`` when the caller knows it (vLLM's attention
 metadata has it as a Python int), else from the upper bound
@@ -366,128 +373,6 @@ def _agreement_kernel(
                 tl.store(res_ptr + b, total)
 
 
-@triton.jit
-def _fused_kernel(
-    q_ptr, k_ptr, bt_ptr, len_ptr,
-    part1_ptr,  # float32 [4, B, TMAX, H]: per-tile m, S0, S1, sum|s|
-    part2_ptr,  # float32 [B, TMAX]: per-tile sums of |P - Pbar|
-    ctr_ptr,  # int32 [1 + 2B], zeroed: tile dispenser, pass-1 and pass-2 arrivals
-    head_ptr,  # float32 [3, B, H]
-    out_ptr,  # float32 [4, B]
-    scale, B, H, TMAX, TK, L_CAP, LAG,
-    sq_b, sq_h, sq_d,
-    sk_n, sk_p, sk_h, sk_d,
-    sbt_b, sbt_n,
-    G: tl.constexpr, HKV: tl.constexpr, HKV_PAD: tl.constexpr, BS: tl.constexpr,
-    BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr,
-    KB_PAD: tl.constexpr, S_CHUNK: tl.constexpr, S_CHUNK2: tl.constexpr,
-    HALF_DOT: tl.constexpr,
-):
-    # Persistent programs take work items from a global dispenser, in order.
-    # A request's keys are cut into tiles of TK keys; the items are grouped in
-    # blocks k = 0 .. B+LAG-1: block k = the pass-1 tiles of request k, then the
-    # pass-2 tiles of request k-LAG (last tile first), so a request's keys are
-    # read again LAG requests after their first read (while still in L2, when
-    # LAG requests fit there), and by then its pass 1 is long finished. A
-    # pass-2 item waits (spins) until its request's pass 1 is merged; it only
-    # ever waits on items handed out before it, so this cannot deadlock.
-    kk = tl.arange(0, KB_PAD)
-    ok1 = kk < B
-    l1 = tl.load(len_ptr + kk, mask=ok1, other=0).to(tl.int32)
-    l1 = tl.minimum(tl.maximum(l1, 0), L_CAP)
-    t1 = tl.where(ok1, (l1 + TK - 1) // TK, 0)
-    r2 = kk - LAG
-    ok2 = (r2 >= 0) & (r2 < B)
-    l2 = tl.load(len_ptr + r2, mask=ok2, other=0).to(tl.int32)
-    l2 = tl.minimum(tl.maximum(l2, 0), L_CAP)
-    t2 = tl.where(ok2, (l2 + TK - 1) // TK, 0)
-    size = t1 + t2
-    start = tl.cumsum(size, axis=0) - size
-    total = tl.sum(size, axis=0)
-
-    hh = tl.arange(0, H_PAD)
-    h_ok = hh < H
-    d = tl.arange(0, D_PAD)
-    d_ok = d < D
-    r = tl.arange(0, HKV_PAD * BLOCK_N)
-    r_g = r // BLOCK_N
-    r_j = r % BLOCK_N
-    gsel = (tl.arange(0, HKV_PAD)[None, :, None] == (hh // G)[:, None, None]) \
-        & h_ok[:, None, None]
-    plane = B * TMAX * H
-    nj = tl.arange(0, BLOCK_N)
-
-    t = tl.atomic_add(ctr_ptr, 1)
-    while t < total:
-        kb = tl.max(tl.where((start <= t) & (size > 0), kk, -1), axis=0)
-        sel = kk == kb
-        o = t - tl.sum(tl.where(sel, start, 0), axis=0)
-        n1 = tl.sum(tl.where(sel, t1, 0), axis=0)
-        if o < n1:
-            # ---- pass 1, tile j of request b ----
-            b = kb
-            j = o
-            L = tl.sum(tl.where(sel, l1, 0), axis=0)
-            k0 = j * TK
-            end = tl.minimum(k0 + TK, L)
-            qv = _load_q(q_ptr, k_ptr, b, hh, h_ok, d, d_ok, sq_b, sq_h, sq_d, HALF_DOT)
-            bt_row = bt_ptr + b.to(tl.int64) * sbt_b
-            m = tl.full([H_PAD], float("-inf"), tl.float32)
-            s0 = tl.zeros([H_PAD], tl.float32)
-            s1 = tl.zeros([H_PAD], tl.float32)
-            a = tl.zeros([H_PAD], tl.float32)
-            for n0 in range(k0, end, BLOCK_N):
-                s = _all_head_scores(qv, k_ptr, bt_row, n0, end, r_g, r_j, d, d_ok, gsel,
-                                     scale, sk_n, sk_p, sk_h, sk_d, sbt_n,
-                                     HKV, HKV_PAD, BS, BLOCK_N, H_PAD, HALF_DOT)
-                valid = h_ok[:, None] & ((n0 + nj) < end)[None, :]
-                m, s0, s1, a = _online_update(m, s0, s1, a, s, valid)
-            poff = (b * TMAX + j) * H + hh
-            tl.store(part1_ptr + poff, m, mask=h_ok)
-            tl.store(part1_ptr + plane + poff, s0, mask=h_ok)
-            tl.store(part1_ptr + 2 * plane + poff, s1, mask=h_ok)
-            tl.store(part1_ptr + 3 * plane + poff, a, mask=h_ok)
-            tl.debug_barrier()
-            prev = tl.atomic_add(ctr_ptr + 1 + b, 1, sem="acq_rel")
-            if prev == n1 - 1:
-                _finish_heads(part1_ptr, plane, b * TMAX, n1, head_ptr, out_ptr, b, B, H, L,
-                              H_PAD, S_CHUNK)
-                tl.debug_barrier()
-                tl.atomic_add(ctr_ptr + 1 + b, 1, sem="release")  # n1 + 1: lse ready
-        else:
-            # ---- pass 2, tile j of request b (tiles handed out last first) ----
-            b = kb - LAG
-            n2 = tl.sum(tl.where(sel, t2, 0), axis=0)
-            j = n2 - 1 - (o - n1)
-            L = tl.sum(tl.where(sel, l2, 0), axis=0)
-            ready = tl.atomic_add(ctr_ptr + 1 + b, 0, sem="acquire")
-            while ready <= n2:
-                ready = tl.atomic_add(ctr_ptr + 1 + b, 0, sem="acquire")
-            k0 = j * TK
-            end = tl.minimum(k0 + TK, L)
-            qv = _load_q(q_ptr, k_ptr, b, hh, h_ok, d, d_ok, sq_b, sq_h, sq_d, HALF_DOT)
-            lse = tl.load(head_ptr + b * H + hh, mask=h_ok, other=0.0, volatile=True)
-            bt_row = bt_ptr + b.to(tl.int64) * sbt_b
-            acc = tl.zeros([BLOCK_N], tl.float32)
-            n_sub = tl.cdiv(end - k0, BLOCK_N)
-            for it in range(0, n_sub):
-                n0 = k0 + (n_sub - 1 - it) * BLOCK_N
-                s = _all_head_scores(qv, k_ptr, bt_row, n0, end, r_g, r_j, d, d_ok, gsel,
-                                     scale, sk_n, sk_p, sk_h, sk_d, sbt_n,
-                                     HKV, HKV_PAD, BS, BLOCK_N, H_PAD, HALF_DOT)
-                valid = h_ok[:, None] & ((n0 + nj) < end)[None, :]
-                p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-                pbar = tl.sum(p, axis=0) / H
-                acc += tl.sum(tl.where(valid, tl.abs(p - pbar[None, :]), 0.0), axis=0)
-            tl.store(part2_ptr + b * TMAX + j, tl.sum(acc, axis=0))
-            tl.debug_barrier()
-            prev = tl.atomic_add(ctr_ptr + 1 + B + b, 1, sem="acq_rel")
-            if prev == n2 - 1:
-                tot = _sum_parts(part2_ptr, b * TMAX, n2, S_CHUNK2)
-                tl.store(out_ptr + 2 * B + b, tot / (H * 1.0 * L))
-        t = tl.atomic_add(ctr_ptr, 1)
-
-
 # ----------------------------------------------------------------------------
 # Launch planning
 # ----------------------------------------------------------------------------
@@ -534,12 +419,6 @@ class _Plan:
     num_stages1: int
     num_stages2: int
     reverse: bool
-    # fused single-launch variant
-    tk: int
-    tmax: int
-    programs: int
-    lag: int
-    kb_pad: int
 
 
 def _check_inputs(q, key_cache, block_table, seq_lens):
@@ -580,10 +459,29 @@ def _check_inputs(q, key_cache, block_table, seq_lens):
                            "set before triton_kernels is imported, for CPU tensors)")
 
 
-def _plan(q, key_cache, block_table, seq_lens, max_seq_len=None, *, block_n1=None,
+_PLANS: dict = {}
+
+
+def _plan(q, key_cache, block_table, seq_lens, max_seq_len=None, **tuning) -> _Plan:
+    """Validated launch plan, cached per shapes / dtypes / devices / options
+    (host overhead matters at decode time; the plan never reads tensor data)."""
+    key = (q.shape, q.dtype, q.device, key_cache.shape, key_cache.dtype, key_cache.device,
+           block_table.shape, block_table.dtype, block_table.device, seq_lens.shape,
+           seq_lens.dtype, seq_lens.device, max_seq_len, _interpreting(),
+           tuple(sorted(tuning.items())))
+    p = _PLANS.get(key)
+    if p is None:
+        p = _make_plan(q, key_cache, block_table, seq_lens, max_seq_len, **tuning)
+        if len(_PLANS) >= 1024:
+            _PLANS.clear()
+        _PLANS[key] = p
+    return p
+
+
+def _make_plan(q, key_cache, block_table, seq_lens, max_seq_len=None, *, block_n1=None,
           keys_per_split1=None, block_n2=None, keys_per_split2=None, num_warps1=None,
           num_warps2=None, num_stages1=None, num_stages2=None, reverse=True,
-          half_dot=None, tile_keys=None, programs=None, lag=None) -> _Plan:
+          half_dot=None) -> _Plan:
     _check_inputs(q, key_cache, block_table, seq_lens)
     B, H, D = q.shape
     BS, HKV = key_cache.shape[1], key_cache.shape[2]
@@ -627,22 +525,7 @@ def _plan(q, key_cache, block_table, seq_lens, max_seq_len=None, *, block_n1=Non
         kps2 = _round_up(-(-bound // ns), bn2)
     ns2 = -(-bound // kps2)
 
-    # Fused variant: tiles of TK keys (all heads), persistent programs, pass 2
-    # of request r handed out after pass 1 of request r + lag.
-    # The keys read while a tile is in flight (programs x tile) should stay well
-    # inside L2 (~8 MB), and a request should have at most ~256 tiles (the
-    # last pass-1 tile merges them all).
-    n_prog = programs or 2 * sms
-    key_bytes = HKV * D * key_cache.element_size()
-    tk = tile_keys or min(1024, max(16, _pow2((8 << 20) // (n_prog * key_bytes)),
-                                    _pow2(-(-bound // 256))))
-    tk = _round_up(int(tk), bn2)
-    tmax = -(-bound // tk)
-    if lag is None:
-        lag = -(-n_prog * tk // bound) + 1
-    lag = max(0, min(int(lag), max(B, 1)))
-    return _Plan(tk=tk, tmax=tmax, programs=int(n_prog), lag=lag, kb_pad=_pow2(B + lag),
-                 B=B, H=H, HKV=HKV, G=G, D=D, BS=BS, L_CAP=bound, bound=bound,
+    return _Plan(B=B, H=H, HKV=HKV, G=G, D=D, BS=BS, L_CAP=bound, bound=bound,
                  half_dot=bool(half_dot), D_PAD=D_PAD, G_PAD=G_PAD, H_PAD=H_PAD,
                  HKV_PAD=HKV_PAD, block_n1=bn1, kps1=kps1, ns1=ns1, block_n2=bn2, kps2=kps2,
                  ns2=ns2, num_warps1=num_warps1 or warps1, num_warps2=num_warps2 or warps,
@@ -650,8 +533,10 @@ def _plan(q, key_cache, block_table, seq_lens, max_seq_len=None, *, block_n1=Non
                  reverse=bool(reverse))
 
 
-def _launch_pass1(p: _Plan, q, key_cache, block_table, seq_lens, scale, cnt, head, out):
-    part = torch.empty((4, p.B, p.ns1, p.H), dtype=torch.float32, device=q.device)
+def _launch_pass1(p: _Plan, q, key_cache, block_table, seq_lens, scale, cnt, head, out,
+                  part=None):
+    if part is None:
+        part = torch.empty((4, p.B, p.ns1, p.H), dtype=torch.float32, device=q.device)
     grid = (p.ns1, p.HKV, p.B)
     _head_partials_kernel[grid](
         q, key_cache, block_table, seq_lens, part, cnt, head, out,
@@ -666,8 +551,9 @@ def _launch_pass1(p: _Plan, q, key_cache, block_table, seq_lens, scale, cnt, hea
 
 
 def _launch_pass2(p: _Plan, q, key_cache, block_table, seq_lens, scale, lse, row, cnt, res,
-                  mode: int, h_row: float, normalize: bool):
-    part = torch.empty((p.B, p.ns2), dtype=torch.float32, device=q.device)
+                  mode: int, h_row: float, normalize: bool, part=None):
+    if part is None:
+        part = torch.empty((p.B, p.ns2), dtype=torch.float32, device=q.device)
     if row is None:
         row_arg, srow = part, 0
     else:
@@ -683,22 +569,6 @@ def _launch_pass2(p: _Plan, q, key_cache, block_table, seq_lens, scale, lse, row
         D_PAD=p.D_PAD, H_PAD=p.H_PAD, S_CHUNK=128, HALF_DOT=p.half_dot, MODE=mode,
         REVERSE=p.reverse, NORMALIZE=normalize,
         num_warps=p.num_warps2, num_stages=p.num_stages2,
-    )
-
-
-def _launch_fused(p: _Plan, q, key_cache, block_table, seq_lens, scale, ctr, head, out):
-    part1 = torch.empty((4, p.B, p.tmax, p.H), dtype=torch.float32, device=q.device)
-    part2 = torch.empty((p.B, p.tmax), dtype=torch.float32, device=q.device)
-    grid = (max(1, min(p.programs, p.B * p.tmax * 2)),)
-    _fused_kernel[grid](
-        q, key_cache, block_table, seq_lens, part1, part2, ctr, head, out,
-        float(scale), p.B, p.H, p.tmax, p.tk, p.L_CAP, p.lag,
-        q.stride(0), q.stride(1), q.stride(2),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), key_cache.stride(3),
-        block_table.stride(0), block_table.stride(1),
-        G=p.G, HKV=p.HKV, HKV_PAD=p.HKV_PAD, BS=p.BS, BLOCK_N=p.block_n2, D=p.D,
-        D_PAD=p.D_PAD, H_PAD=p.H_PAD, KB_PAD=p.kb_pad, S_CHUNK=16, S_CHUNK2=128,
-        HALF_DOT=p.half_dot, num_warps=p.num_warps2, num_stages=p.num_stages2,
     )
 
 
@@ -719,26 +589,24 @@ def paged_attention_stats(q: torch.Tensor, key_cache: torch.Tensor, block_table:
     ``keys_per_split1``, ``block_n2``, ``keys_per_split2``, ``num_warps1/2``,
     ``num_stages1/2``, ``reverse``, ``half_dot``); for tests and benchmarks.
     """
-    fused = tuning.pop("fused", False)
     p = _plan(q, key_cache, block_table, seq_lens, max_seq_len, **tuning)
     dev = q.device
     if p.B == 0:
         return AttnStats.zeros(0, device=dev)
-    if fused:
-        buf = torch.zeros(6 * p.B + 1, dtype=torch.int32, device=dev)
-        out = buf[: 4 * p.B].view(torch.float32).view(4, p.B)
-        head = torch.empty((3, p.B, p.H), dtype=torch.float32, device=dev)
-        _launch_fused(p, q, key_cache, block_table, seq_lens, scale, buf[4 * p.B:], head, out)
-        return AttnStats(attn_entropy=out[0], attn_varentropy=out[1], agreement=out[2],
-                         interaction_strength=out[3])
-    # One zeroed buffer: 4*B float32 outputs (0 bits = 0.0) and 2*B counters.
-    buf = torch.zeros(6 * p.B, dtype=torch.int32, device=dev)
-    out = buf[: 4 * p.B].view(torch.float32).view(4, p.B)
-    cnt = buf[4 * p.B:].view(2, p.B)
-    head = torch.empty((3, p.B, p.H), dtype=torch.float32, device=dev)
-    _launch_pass1(p, q, key_cache, block_table, seq_lens, scale, cnt[0], head, out)
+    # Two allocations: one zeroed buffer for the 4*B float32 outputs (0 bits =
+    # 0.0) and the 2*B arrival counters, one scratch buffer for the rest.
+    B, H = p.B, p.H
+    buf = torch.zeros(6 * B, dtype=torch.int32, device=dev)
+    out = buf[: 4 * B].view(torch.float32).view(4, B)
+    cnt = buf[4 * B:].view(2, B)
+    n1, nh = 4 * B * p.ns1 * H, 3 * B * H
+    scratch = torch.empty(n1 + nh + B * p.ns2, dtype=torch.float32, device=dev)
+    part1 = scratch[:n1].view(4, B, p.ns1, H)
+    head = scratch[n1:n1 + nh].view(3, B, H)
+    part2 = scratch[n1 + nh:].view(B, p.ns2)
+    _launch_pass1(p, q, key_cache, block_table, seq_lens, scale, cnt[0], head, out, part1)
     _launch_pass2(p, q, key_cache, block_table, seq_lens, scale, head[0], None, cnt[1], out[2],
-                  mode=0, h_row=p.H, normalize=True)
+                  mode=0, h_row=p.H, normalize=True, part=part2)
     return AttnStats(attn_entropy=out[0], attn_varentropy=out[1], agreement=out[2],
                      interaction_strength=out[3])
 
@@ -774,7 +642,8 @@ def attention_row_sum(q, key_cache, block_table, seq_lens, scale, lse, max_seq_l
     p = _plan(q, key_cache, block_table, seq_lens, max_seq_len, **tuning)
     row = torch.zeros((p.B, p.bound), dtype=torch.float32, device=q.device)
     if p.B:
-        _launch_pass2(p, q, key_cache, block_table, seq_lens, scale, lse, row, row, row,
+        _launch_pass2(p, q, key_cache, block_table, seq_lens, scale, lse, row,
+                      torch.zeros(1, dtype=torch.int32, device=q.device), row,
                       mode=1, h_row=1.0, normalize=False)
     return row
 
