@@ -343,7 +343,9 @@ def test_prefix_cache_hit_matches_hf(engine, hf_model):
     # size) with an earlier one: its keys for that block are not recomputed,
     # they come from the cached block (and the plugin's copy of it).
     llm, path, kind = engine
-    base = _prompts(path, kind)[2]  # 150 tokens
+    # 150 tokens no earlier request started with (install() may have been
+    # called again by an earlier test: the plugin's key copy starts empty then).
+    base = list(reversed(_prompts(path, kind)[2]))
     first = base[:140]
     _generate(llm, [first], max_tokens=1)
     second = base[:130] + list(reversed(base[130:150]))

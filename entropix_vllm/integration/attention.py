@@ -443,7 +443,9 @@ def install(vllm_config, attn_layer: int = -1) -> None:
     and its backend are resolved at the first forward pass; an unsupported
     backend raises :class:`AttentionCaptureError` then (start-up profiling run)
     or at the first :func:`attention_stats_for_sampler` call, whichever comes
-    first. Calling it again replaces the chosen layer and drops the buffers.
+    first. Calling it again replaces the chosen layer and drops the buffers,
+    the CPU key copy included: keys of blocks computed before (prefix-cache
+    hits later) would be missing, so install once, before the first request.
     """
     global _STATE
     _check_parallel(vllm_config)
