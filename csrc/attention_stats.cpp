@@ -16,7 +16,9 @@
 // e_h over heads, mean_{h,k} |P_hk - mean_h P_hk|, mean_{h,k} |s_hk|; zeros
 // when L == 0, NaN when a score is NaN or infinite.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -114,33 +116,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> paged_attention_stats
       S.resize(static_cast<size_t>(H * L));
       col.resize(static_cast<size_t>(L));
       const float* qb = q_p + b * H * D;
-      // scores
-      for (int64_t k = 0; k < L; ++k) {
-        const int64_t blk = bt_p[b * MB + k / BS], off = k % BS;
+      // scores, block by block, kv head by kv head (vLLM's cache keeps each
+      // head's positions of a block together: this order reads it in sequence)
+      for (int64_t j = 0; j * BS < L; ++j) {
+        const int64_t blk = bt_p[b * MB + j];
+        const int64_t n_in = std::min(BS, L - j * BS);
         for (int64_t g = 0; g < Hkv; ++g) {
-          const char* kp = kbase + (blk * st0 + off * st1 + g * st2) * esz;
-          const float* key;
-          if (kdt == at::kFloat) {
-            if (st3 == 1) {
-              key = reinterpret_cast<const float*>(kp);
+          for (int64_t off = 0; off < n_in; ++off) {
+            const int64_t k = j * BS + off;
+            const char* kp = kbase + (blk * st0 + off * st1 + g * st2) * esz;
+            const float* key;
+            if (kdt == at::kFloat) {
+              if (st3 == 1) {
+                key = reinterpret_cast<const float*>(kp);
+              } else {
+                kt.gather_f32(reinterpret_cast<const float*>(kp), st3, kbuf.data(), D);
+                key = kbuf.data();
+              }
             } else {
-              kt.gather_f32(reinterpret_cast<const float*>(kp), st3, kbuf.data(), D);
+              const uint16_t* src = reinterpret_cast<const uint16_t*>(kp);
+              if (st3 != 1) {
+                for (int64_t d = 0; d < D; ++d) hbuf[d] = src[d * st3];
+                src = hbuf.data();
+              }
+              if (kdt == at::kBFloat16) {
+                kt.bf16_to_f32(src, kbuf.data(), D);
+              } else {
+                kt.f16_to_f32(src, kbuf.data(), D);
+              }
               key = kbuf.data();
             }
-          } else {
-            const uint16_t* src = reinterpret_cast<const uint16_t*>(kp);
-            if (st3 != 1) {
-              for (int64_t d = 0; d < D; ++d) hbuf[d] = src[d * st3];
-              src = hbuf.data();
-            }
-            if (kdt == at::kBFloat16) {
-              kt.bf16_to_f32(src, kbuf.data(), D);
-            } else {
-              kt.f16_to_f32(src, kbuf.data(), D);
-            }
-            key = kbuf.data();
+            kt.scaled_dots(qb + g * G * D, key, G, D, fscale, S.data() + g * G * L + k, L);
           }
-          kt.scaled_dots(qb + g * G * D, key, G, D, fscale, S.data() + g * G * L + k, L);
         }
       }
       // per-head entropy, sum |s|, probabilities in place

@@ -19,7 +19,8 @@
 // afterwards in vocabulary order (the same rescaling, so the lowest id wins
 // argmax ties, and the best K of the union of the slices' candidates).
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

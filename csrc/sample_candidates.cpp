@@ -17,7 +17,8 @@
 //   result: cand_ids[b, c_j] for the draw with the largest raw value v_c
 //          (strictly larger replaces; ties keep the earlier draw).
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
