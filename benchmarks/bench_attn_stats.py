@@ -350,7 +350,6 @@ def run_cpu(args):
     for B in batches:
         for L in contexts:
             q, k, bt, sl, cache = make_inputs(B, L, H, HKV, D, BS, dtype, torch.device("cpu"))
-            nblk = bt.shape[1]
             pos = torch.arange(L)
 
             def read_once():
@@ -370,7 +369,6 @@ def run_cpu(args):
                 row.append(fmt(bench_cpu(lambda: tk.paged_attention_stats(
                     q, k, bt, sl, scale, max_seq_len=L), min_time=0.0, max_reps=1)))
             print("| " + " | ".join(row) + " |", flush=True)
-            del nblk
 
 
 if __name__ == "__main__":

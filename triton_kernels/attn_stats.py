@@ -36,8 +36,8 @@ query head with a kv head it does not read are masked away). With the global
 sums ``|P_hk - Pbar_k|``. Per-program sums go to a small ``[B, splits]``
 buffer; the last program of each request (arrival counter again) adds them up
 in a fixed order and writes ``agreement``. Pass 2 runs its programs in the
-reverse order of pass 1 so that the keys pass 1 read last (still in L2) are
-read first.
+reverse order of pass 1 so that the keys pass 1 read last (possibly still in
+L2) are read first (cheap; no measurable effect at the benchmarked sizes).
 
 Both passes are bandwidth-bound; each costs about one read of the keys at
 large sizes (measured on an H100: benchmarks/RESULTS.md), so the whole costs
@@ -83,7 +83,6 @@ and multiplied in IEEE fp32.
 from __future__ import annotations
 
 import functools
-import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -103,7 +102,6 @@ __all__ = [
     "HeadStats",
 ]
 
-LN2 = math.log(2.0)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
