@@ -86,7 +86,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Any, Callable, List, Optional
+from typing import List, Optional
 
 import torch
 
