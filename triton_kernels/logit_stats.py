@@ -1,9 +1,10 @@
 """Fused per-row logit statistics and top-K candidates in one read (Triton).
 
 :func:`fused_logit_stats` implements ``entropix_vllm.ops.logit_stats_and_candidates``
-for CUDA tensors (and for CPU tensors under ``TRITON_INTERPRET=1``).
+for CUDA tensors (and for CPU tensors under ``TRITON_INTERPRET=1``, where the
+very same kernels run in the Triton interpreter).
 
-Algorithm (per row, one pass over the vocabulary in tiles of ``R x G`` logits):
+Algorithm (per row, one pass over the vocabulary in tiles of ``BLOCK`` logits):
 
 * Statistics. Each tile is loaded once, upcast to float32. The running state is
   ``(m, S0, mu, M2)``: the running max ``m``, ``S0 = sum e^(x - m)``, the
@@ -21,28 +22,32 @@ Algorithm (per row, one pass over the vocabulary in tiles of ``R x G`` logits):
   which marks the row invalid (NaN statistics, argmax 0).
 * Argmax: the lowest id holding the row max, updated only when a tile's max
   strictly exceeds the running max.
-* Candidates. The running top-``KP`` list (``KP = max(16, next_pow2(k))``) is
-  kept as int64 keys (value, then lower id; see ``_pack_key``) sorted
-  descending, starting with filler keys below every real key ("empty
-  slots"); ``thr`` is the value of its last key (NaN while slots are empty). A
-  tile whose max is ``> thr`` (or any tile while slots are empty) is viewed as
-  ``R = KP`` groups of ``G`` consecutive ids; while some group's largest
-  remaining key beats the list's last key: the group maxima (others masked to
-  the minimum key) are merged into the list (bitonic sort of the group keys,
-  elementwise max with the list, bitonic merge; see ``_merge_into_run``), and
-  each group's next largest key is found by re-reading the tile (an L1/L2 hit;
-  nothing of the tile stays live across the merge). Once the list is warm
-  most tiles need one round or none. NaN counts as ``-inf`` here, as in
-  ``reference.topk_candidates``; ties keep the lower id.
+* Candidates (``k = num_candidates``). Every logit is an int64 key (its value,
+  then the lower id; see ``_pack_key``): the top ``k`` keys are the answer,
+  ties resolved to the lower id. Each program appends, in id order, the keys
+  of the entries that can still make its top ``k`` to a small scratch buffer
+  (``CAP`` keys, L2 resident): every entry while fewer than ``k`` are held,
+  afterwards only entries ``> thr``, where ``thr`` is a value that at least
+  ``k`` held entries reach (equal values cannot qualify later: their ids are
+  higher). A tile whose max is ``<= thr`` costs nothing more; positions come
+  from a prefix sum of the append mask. When a tile would add more than
+  ``CAP - k`` keys (the first tile), its own top ``k`` is selected first; when
+  the buffer would overflow it is compacted to its top ``k``. Selection
+  (``_select``) bisects the 32-bit value field for the k-th largest value
+  (about 30 counting reductions, no sorting) and keeps the lowest-id entries
+  among ties by a prefix sum; ``thr`` becomes that value. At the end the held
+  keys are selected once more and sorted by rank (each key's rank is the
+  number of larger keys, counted in chunks) straight into the output. NaN
+  counts as ``-inf``, as in ``reference.topk_candidates``.
 
 Two launch layouts:
 
 * ``"row"``: one program per row (large batches).
 * ``"split"``: ``NS`` programs per row each over a contiguous vocabulary chunk,
-  writing ``(m, S0, mu, M2, argmax)`` and a top-``KP`` key list to small
-  partial buffers, then one merge program per row (Chan merge of the partials
-  and a bitonic tree merge of the lists). Used when the batch is smaller than
-  the number of SMs so that batch 1 spreads over the whole GPU.
+  writing ``(m, S0, mu, M2, argmax)`` and their top-``k`` keys to small partial
+  buffers, then one merge program per row (Chan merge of the partials;
+  selection and rank sort of the ``NS * k`` keys). Used when the batch is
+  smaller than the number of SMs so that batch 1 spreads over the whole GPU.
 
 No host synchronisation; all buffers have sizes fixed by the shape, so the
 launch can be captured in a CUDA graph.
@@ -51,7 +56,6 @@ launch can be captured in a CUDA graph.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -68,95 +72,8 @@ MAX_SPLITS = 64  # upper bound on vocabulary splits per row (merge kernel size)
 
 
 # ----------------------------------------------------------------------------
-# Sorting-network helpers on int64 keys.
-#
-# A [N] tensor (N a power of two) is viewed as a hypercube [2] * log2(N); the
-# element of flat index i sits at the coordinates given by the bits of i (bit j
-# on axis ND - 1 - j). The partner of every element along an axis is
-# sum(pair) - h (exact in wrapping int64 arithmetic), a reduction over a size-2
-# axis. Only core triton.language primitives are used (and ones the
-# interpreter runs as numpy reductions, so the CPU tests stay fast).
+# Keys and selection
 # ----------------------------------------------------------------------------
-@triton.jit
-def _bit_of_index(ND: tl.constexpr, j: tl.constexpr):
-    """Bit ``j`` of the flat index, shaped to broadcast over a ``[2]*ND`` cube."""
-    y = tl.arange(0, 2)
-    for n in tl.static_range(ND):
-        if n != ND - 1 - j:
-            y = tl.expand_dims(y, n)
-    return y
-
-
-@triton.jit
-def _sort_cube(h, LN: tl.constexpr, DESC: tl.constexpr):
-    """Full bitonic sort of a ``[2]*LN`` cube (ascending; descending if DESC).
-
-    Compare-exchange along index bit j: the lower index of a pair receives the
-    minimum when the pair's direction is ascending (the direction of the blocks
-    of size 2**s at stage s is bit s of the index, xored with DESC). Written
-    without nested jit calls (each costs ~1 ms under the interpreter).
-    """
-    for s in tl.static_range(1, LN + 1):
-        for i in tl.static_range(s):
-            # compare-exchange along index bit j = s - 1 - i
-            upper = tl.arange(0, 2)
-            for n in tl.static_range(LN):
-                if n != LN - s + i:
-                    upper = tl.expand_dims(upper, n)
-            if s < LN:
-                blk = tl.arange(0, 2)
-                for n in tl.static_range(LN):
-                    if n != LN - 1 - s:
-                        blk = tl.expand_dims(blk, n)
-                take_max = (upper ^ blk ^ DESC) != 0
-            else:
-                take_max = (upper ^ DESC) != 0
-            partner = tl.sum(h, LN - s + i, keep_dims=True) - h
-            h = tl.where(take_max, tl.maximum(h, partner), tl.minimum(h, partner))
-    return h
-
-
-@triton.jit
-def _merge_desc_cube(h, LK: tl.constexpr, ND: tl.constexpr):
-    """Sort every bitonic run over the ``LK`` innermost bits of a ``[2]*ND`` cube, descending."""
-    for i in tl.static_range(LK):
-        # compare-exchange along index bit j = LK - 1 - i (cube axis ND - LK + i)
-        upper = tl.arange(0, 2)
-        for n in tl.static_range(ND):
-            if n != ND - LK + i:
-                upper = tl.expand_dims(upper, n)
-        partner = tl.sum(h, ND - LK + i, keep_dims=True) - h
-        h = tl.where(upper == 0, tl.maximum(h, partner), tl.minimum(h, partner))
-    return h
-
-
-@triton.jit
-def _merge_into_run(run, key, R: tl.constexpr, LK: tl.constexpr, NET: tl.constexpr):
-    """Top ``R`` of ``run`` (``[R]`` keys, descending) and ``key`` (``[R]`` keys,
-    any order), descending.
-
-    NET: sort ``key`` ascending with a bitonic network; the elementwise max with
-    ``run`` then holds the top R of the union as a bitonic sequence, which a
-    bitonic merge sorts (GPU path: O(R log^2 R) work in registers).
-    Otherwise: rank every element of the union by a ``[2R, 2R]`` comparison
-    (equal keys by position) and place the R best by rank (few, large
-    operations: the fast path under the Triton interpreter, where every
-    reduction call has a fixed ~ms cost).
-    """
-    if NET:
-        key = tl.reshape(_sort_cube(tl.reshape(key, [2] * LK), LK, 0), [R])
-        merged = tl.reshape(tl.maximum(run, key), [2] * LK)
-        out = tl.reshape(_merge_desc_cube(merged, LK, LK), [R])
-    else:
-        u = tl.reshape(tl.join(run, key), [2 * R])
-        iu = tl.arange(0, 2 * R)
-        before = (u[None, :] > u[:, None]) | ((u[None, :] == u[:, None]) & (iu[None, :] < iu[:, None]))
-        rank = tl.sum(before.to(tl.int32), axis=1)
-        sel = rank[:, None] == tl.arange(0, R)[None, :]
-        out = tl.sum(tl.where(sel, u[:, None], 0), axis=0)
-    return out
-
-
 @triton.jit
 def _pack_key(v, ids):
     """int64 key of (float32 value, int32 id): larger value first, then lower id.
@@ -165,21 +82,97 @@ def _pack_key(v, ids):
     has its 31 low bits flipped; ``-0.0`` sorts just below ``+0.0``); the low
     32 bits hold ``2**31 - 1 - id``.
     """
-    b = v.to(tl.int32, bitcast=True)
-    k32 = b ^ ((b >> 31) & 0x7FFFFFFF)
-    return (k32.to(tl.int64) << 32) | (0x7FFFFFFF - ids).to(tl.int64)
+    return (_k32(v).to(tl.int64) << 32) | (0x7FFFFFFF - ids).to(tl.int64)
 
 
 @triton.jit
-def _key_value(key):
-    k32 = (key >> 32).to(tl.int32)
+def _k32_value(k32):
+    """float32 value of the high half (an int32) of a key."""
     b = k32 ^ ((k32 >> 31) & 0x7FFFFFFF)
     return b.to(tl.float32, bitcast=True)
 
 
 @triton.jit
+def _key_value(key):
+    return _k32_value((key >> 32).to(tl.int32))
+
+
+@triton.jit
 def _key_id(key):
     return 0x7FFFFFFF - key.to(tl.int32)
+
+
+@triton.jit
+def _k32(v):
+    """int32 ordered like the float32 ``v`` (the high half of its key)."""
+    b = v.to(tl.int32, bitcast=True)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _select(k32, valid, K):
+    """The ``K`` largest valid keys of a 1-D tensor whose order is id order,
+    given their value fields ``k32`` (int32, see ``_k32``).
+
+    Returns ``(keep, t32)``: ``keep`` marks ``min(K, #valid)`` entries; ``t32``
+    is the value field of the K-th largest key when at least K entries are
+    valid. The k-th largest value is found by bisection over the int32 value
+    field (each step one counting reduction); among the entries equal to it
+    the first ones (lowest ids) fill the remaining places.
+    """
+    nvalid = tl.sum(valid.to(tl.int32), axis=0)
+    lo = tl.min(tl.where(valid, k32, 2147483647), axis=0)
+    hi = tl.max(tl.where(valid, k32, -2147483647), axis=0)
+    hi = tl.where(nvalid > K, hi, lo)
+    # invariant: at least K valid entries have a value field >= lo
+    while lo < hi:
+        mid = ((lo.to(tl.int64) + hi.to(tl.int64) + 1) >> 1).to(tl.int32)
+        c = tl.sum((valid & (k32 >= mid)).to(tl.int32), axis=0)
+        up = c >= K
+        lo = tl.where(up, mid, lo)
+        hi = tl.where(up, hi, mid - 1)
+    gt = valid & (k32 > lo)
+    eq = valid & (k32 == lo)
+    quota = K - tl.sum(gt.to(tl.int32), axis=0)
+    keep = gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= quota))
+    return keep, lo
+
+
+@triton.jit
+def _compact(ptr, keys, keep):
+    """Stores the kept keys, in order, at ``ptr[0 .. #kept)``; returns #kept.
+
+    Callers load ``keys`` from the same place: a barrier separates the loads
+    from these stores, and another the stores from later loads.
+    """
+    dest = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    tl.debug_barrier()
+    tl.store(ptr + dest, keys, mask=keep)
+    tl.debug_barrier()
+    return tl.sum(keep.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _write_sorted(ptr, n, out_v, out_i, NC, V, KP: tl.constexpr, CH: tl.constexpr):
+    """Writes the ``n <= NC`` keys at ``ptr[0..n)`` to ``out_v/out_i[0..NC)`` in
+    descending order (-inf / id 0 after them). A key's place is its rank: the
+    number of larger keys, counted ``CH`` columns at a time."""
+    kk = tl.arange(0, KP)
+    have = kk < n
+    key = tl.load(ptr + kk, mask=have, other=0)
+    rank = tl.zeros([KP], dtype=tl.int32)
+    for c in tl.static_range((KP + CH - 1) // CH):
+        cj = c * CH + tl.arange(0, CH)
+        kj = tl.load(ptr + cj, mask=cj < n, other=0)
+        bigger = (kj[None, :] > key[:, None]) & (cj < n)[None, :]
+        rank += tl.sum(bigger.to(tl.int32), axis=1)
+    ids = _key_id(key)
+    ids = tl.where(ids < V, ids, 0)
+    tl.store(out_v + rank, _key_value(key), mask=have)
+    tl.store(out_i + rank, ids.to(tl.int64), mask=have)
+    pad = (kk >= n) & (kk < NC)
+    tl.store(out_v + kk, tl.full([KP], float("-inf"), tl.float32), mask=pad)
+    tl.store(out_i + kk, tl.zeros([KP], dtype=tl.int64), mask=pad)
 
 
 # ----------------------------------------------------------------------------
@@ -189,56 +182,53 @@ def _key_id(key):
 def _logit_stats_kernel(
     x_ptr, stride_b, V, CHUNK, NS,
     out_max, out_arg, out_lse, out_ent, out_vent, cand_v, cand_i, NC,
-    part_f, part_i, part_k,
-    R: tl.constexpr, G: tl.constexpr, LK: tl.constexpr,
-    CAND: tl.constexpr, FINAL: tl.constexpr, NET: tl.constexpr, PREFETCH: tl.constexpr,
+    part_f, part_i, part_k, part_n, buf_ptr,
+    BLOCK: tl.constexpr, CAP: tl.constexpr, KP: tl.constexpr,
+    CAND: tl.constexpr, FINAL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Program (row, split): vocabulary ids ``[split*CHUNK, min(V, (split+1)*CHUNK))``.
 
     FINAL (NS == 1): writes the row's outputs. Otherwise writes partials:
     ``part_f[row, split, 0:4] = (m, S0, mu, M2)``, ``part_i[row, split]`` the
-    argmax id and ``part_k[row, split, 0:R]`` the descending top-R keys.
+    argmax id, ``part_k[row, split, 0:n]`` its top keys (id order) and
+    ``part_n[row, split] = n``. ``buf_ptr[row, split, 0:CAP]`` is scratch.
     """
     row = tl.program_id(0)
     split = tl.program_id(1)
     base = x_ptr + row.to(tl.int64) * stride_b
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, V)
+    prog = row.to(tl.int64) * NS + split
+    buf = buf_ptr + prog * CAP
 
-    rr = tl.arange(0, R)
-    gg = tl.arange(0, G)
-    offs2 = rr[:, None] * G + gg[None, :]
+    ar = tl.arange(0, BLOCK)
     NEG_INF = float("-inf")
 
-    m = tl.max(tl.full([R], NEG_INF, tl.float32), axis=0)
-    S0 = tl.sum(tl.zeros([R], tl.float32), axis=0)
+    m = tl.max(tl.full([BLOCK], NEG_INF, tl.float32), axis=0)
+    S0 = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
     mu = S0
     M2 = S0
-    am = tl.sum(tl.zeros([R], tl.int32), axis=0)
-    if CAND:
-        # key_min: below every key; the list starts with distinct filler keys
-        # just above it (their value field decodes to NaN, i.e. "empty slot")
-        key_min = tl.full([R], -2147483648, tl.int64) << 32
-        run = key_min | (0x7FFFFFFF - rr).to(tl.int64)
-        thr = _key_value(tl.min(run, axis=0))  # NaN while the list has empty slots
+    am = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
+    thr = m  # candidates: a value at least NC held keys reach (-inf: none yet)
+    cnt = am  # keys held in the scratch buffer
 
     if PREFETCH:  # register double buffering: the next tile's load is in flight
-        x_next = tl.load(base + lo + offs2, mask=lo + offs2 < hi, other=NEG_INF)
-    for start in range(lo, hi, R * G):
-        offs = start + offs2
+        x_next = tl.load(base + lo + ar, mask=lo + ar < hi, other=NEG_INF)
+    for start in range(lo, hi, BLOCK):
+        offs = start + ar
+        inr = offs < hi
         if PREFETCH:
             x = x_next.to(tl.float32)
-            nxt = offs + R * G
+            nxt = offs + BLOCK
             x_next = tl.load(base + nxt, mask=nxt < hi, other=NEG_INF)
         else:
-            x = tl.load(base + offs, mask=offs < hi, other=NEG_INF).to(tl.float32)
+            x = tl.load(base + offs, mask=inr, other=NEG_INF).to(tl.float32)
         xc = tl.where(x != x, NEG_INF, x)
-        gmax = tl.max(xc, axis=1)
-        tmax = tl.max(gmax, axis=0)
+        tmax = tl.max(xc, axis=0)
 
         # argmax: lowest id of the tile max when it beats the running max
         if tmax > m:
-            am = tl.min(tl.where(xc == tmax, offs, 2147483647))
+            am = tl.min(tl.where(xc == tmax, offs, 2147483647), axis=0)
 
         # moments of the tile around the new max, merged with Chan's rule
         m_new = tl.maximum(m, tmax)
@@ -246,11 +236,11 @@ def _logit_stats_kernel(
         is_ninf = x == NEG_INF
         d = tl.where(is_ninf, 0.0, x - m_use)
         e = tl.where(is_ninf, 0.0, tl.exp2(d * LOG2E))
-        s0 = tl.sum(e)
-        s1 = tl.sum(d * e)
+        s0 = tl.sum(e, axis=0)
+        s1 = tl.sum(d * e, axis=0)
         mu_t = tl.where(s0 > 0.0, s1 / s0, 0.0)
         c = d - mu_t
-        m2_t = tl.sum(e * c * c)
+        m2_t = tl.sum(e * c * c, axis=0)
         shift = tl.where(m == NEG_INF, 0.0, m - m_use)
         alpha = tl.exp2(shift * LOG2E)
         S0a = S0 * alpha
@@ -264,63 +254,76 @@ def _logit_stats_kernel(
         m = m_new
 
         if CAND:
-            # a tile can only matter if its max beats the K-th value (equal
-            # values cannot: their ids are higher) or the list has empty slots
-            if (tmax > thr) | (thr != thr):
-                tkey = tl.where(offs < hi, _pack_key(xc, offs), key_min[:, None])
-                gk = tl.max(tkey, axis=1)
-                thr_k = tl.min(run, axis=0)
-                while tl.max(gk, axis=0) > thr_k:
-                    run = _merge_into_run(run, tl.where(gk > thr_k, gk, key_min), R, LK, NET)
-                    thr_k = tl.min(run, axis=0)
-                    # each group's next largest key: re-read the tile (L1/L2
-                    # hit) rather than keep it live across the merge
-                    xr = tl.load(base + offs, mask=offs < hi, other=NEG_INF).to(tl.float32)
-                    xr = tl.where(xr != xr, NEG_INF, xr)
-                    tkey = tl.where(offs < hi, _pack_key(xr, offs), key_min[:, None])
-                    gk = tl.max(tl.where(tkey < gk[:, None], tkey, key_min[:, None]), axis=1)
-                thr = _key_value(thr_k)
+            if (tmax > thr) | (cnt < NC):
+                # (tl.where rather than `|` with a scalar: the interpreter
+                # would turn the mask into int32)
+                app = inr & tl.where(cnt < NC, inr, xc > thr)
+                n = tl.sum(app.to(tl.int32), axis=0)
+                if n > CAP - NC:
+                    # too many for the buffer: keep the tile's own top NC
+                    keep, t32 = _select(_k32(xc), app, NC)
+                    app = keep
+                    n = tl.sum(app.to(tl.int32), axis=0)
+                    thr = tl.where(n >= NC, tl.maximum(thr, _k32_value(t32)), thr)
+                if cnt + n > CAP:
+                    # compact the buffer (it holds > CAP - n >= NC keys) to its top NC
+                    ci = tl.arange(0, CAP)
+                    held = ci < cnt
+                    bk = tl.load(buf + ci, mask=held, other=0)
+                    keep, t32 = _select((bk >> 32).to(tl.int32), held, NC)
+                    cnt = _compact(buf, bk, keep)
+                    thr = tl.maximum(thr, _k32_value(t32))
+                    app = app & (xc > thr)
+                    n = tl.sum(app.to(tl.int32), axis=0)
+                pos = cnt + tl.cumsum(app.to(tl.int32), axis=0) - 1
+                tl.store(buf + pos, _pack_key(xc, offs), mask=app)
+                cnt += n
+
+    if CAND:
+        # the held keys' top NC, compacted to the front of the buffer
+        tl.debug_barrier()
+        ci = tl.arange(0, CAP)
+        held = ci < cnt
+        bk = tl.load(buf + ci, mask=held, other=0)
+        keep, t32 = _select((bk >> 32).to(tl.int32), held, NC)
+        cnt = _compact(buf, bk, keep)
 
     if FINAL:
         bad = S0 != S0
-        pos = S0 > 0.0
-        log_s0 = tl.log(tl.where(pos, S0, 1.0))
+        pos_ = S0 > 0.0
+        log_s0 = tl.log(tl.where(pos_, S0, 1.0))
         nan = float("nan")
-        lse = tl.where(pos, m + log_s0, NEG_INF)
-        ent = tl.where(pos, (log_s0 - mu) / LN2, 0.0)
-        vent = tl.where(pos, M2 / tl.where(pos, S0, 1.0) / (LN2 * LN2), 0.0)
+        lse = tl.where(pos_, m + log_s0, NEG_INF)
+        ent = tl.where(pos_, (log_s0 - mu) / LN2, 0.0)
+        vent = tl.where(pos_, M2 / tl.where(pos_, S0, 1.0) / (LN2 * LN2), 0.0)
         tl.store(out_max + row, tl.where(bad, nan, m))
         tl.store(out_arg + row, tl.where(bad, 0, am).to(tl.int64))
         tl.store(out_lse + row, tl.where(bad, nan, lse))
         tl.store(out_ent + row, tl.where(bad, nan, ent))
         tl.store(out_vent + row, tl.where(bad, nan, vent))
         if CAND:
-            ids = _key_id(run)
-            ids = tl.where(ids < V, ids, 0)
-            vals = _key_value(run)
-            vals = tl.where(vals != vals, NEG_INF, vals)  # empty slots
-            cm = rr < NC
-            tl.store(cand_v + row.to(tl.int64) * NC + rr, vals, mask=cm)
-            tl.store(cand_i + row.to(tl.int64) * NC + rr, ids.to(tl.int64), mask=cm)
+            _write_sorted(buf, cnt, cand_v + row.to(tl.int64) * NC,
+                          cand_i + row.to(tl.int64) * NC, NC, V, KP, 32)
     else:
-        p = row.to(tl.int64) * NS + split
-        tl.store(part_f + p * 4 + 0, m)
-        tl.store(part_f + p * 4 + 1, S0)
-        tl.store(part_f + p * 4 + 2, mu)
-        tl.store(part_f + p * 4 + 3, M2)
-        tl.store(part_i + p, am)
+        tl.store(part_f + prog * 4 + 0, m)
+        tl.store(part_f + prog * 4 + 1, S0)
+        tl.store(part_f + prog * 4 + 2, mu)
+        tl.store(part_f + prog * 4 + 3, M2)
+        tl.store(part_i + prog, am)
         if CAND:
-            tl.store(part_k + p * R + rr, run)
+            kk = tl.arange(0, KP)
+            tl.store(part_k + prog * KP + kk, tl.load(buf + kk, mask=kk < cnt, other=0),
+                     mask=kk < cnt)
+            tl.store(part_n + prog, cnt)
 
 
 @triton.jit
 def _merge_kernel(
-    part_f, part_i, part_k, NS, V,
+    part_f, part_i, part_k, part_n, NS, V,
     out_max, out_arg, out_lse, out_ent, out_vent, cand_v, cand_i, NC,
-    NSP: tl.constexpr, LS: tl.constexpr, KP: tl.constexpr, LK: tl.constexpr,
-    CAND: tl.constexpr, NET: tl.constexpr,
+    NSP: tl.constexpr, KP: tl.constexpr, CAND: tl.constexpr,
 ):
-    """One program per row: merges the row's NS split partials (NSP = 2**LS >= NS)."""
+    """One program per row: merges the row's NS split partials (NSP >= NS)."""
     row = tl.program_id(0)
     NEG_INF = float("-inf")
     s = tl.arange(0, NSP)
@@ -362,37 +365,19 @@ def _merge_kernel(
     tl.store(out_vent + row, tl.where(bad, nan, vent))
 
     if CAND:
+        # the splits' keys, split after split: id order
         kk = tl.arange(0, KP)
-        if NET:
-            key_min = tl.full([NSP, KP], -2147483648, tl.int64) << 32
-            keys = tl.load(part_k + p[:, None] * KP + kk[None, :], mask=ok[:, None], other=0)
-            keys = tl.where(ok[:, None], keys, key_min)
-            h = tl.reshape(keys, [2] * (LS + LK))
-            # tree merge: at each level list 2i and the reversed list 2i+1 are
-            # combined by an elementwise max (top KP of the pair, bitonic), then
-            # sorted by a bitonic merge.
-            # (the cube has LS - lvl + LK dimensions at level lvl)
-            for lvl in tl.static_range(LS):
-                r = h
-                for j in tl.static_range(LK):
-                    r = tl.sum(r, LS - lvl + LK - 1 - j, keep_dims=True) - r
-                odd = _bit_of_index(LS - lvl + LK, LK)
-                h = tl.where(odd != 0, r, h)
-                h = tl.max(h, axis=LS - lvl - 1)
-                h = _merge_desc_cube(h, LK, LS - lvl + LK - 1)
-            run = tl.reshape(h, [KP])
-        else:
-            run = tl.load(part_k + (row.to(tl.int64) * NS) * KP + kk)
-            for t in range(1, NS):
-                other = tl.load(part_k + (row.to(tl.int64) * NS + t) * KP + kk)
-                run = _merge_into_run(run, other, KP, LK, NET)
-        ids = _key_id(run)
-        ids = tl.where(ids < V, ids, 0)
-        vals = _key_value(run)
-        vals = tl.where(vals != vals, NEG_INF, vals)  # empty slots
-        cm = kk < NC
-        tl.store(cand_v + row.to(tl.int64) * NC + kk, vals, mask=cm)
-        tl.store(cand_i + row.to(tl.int64) * NC + kk, ids.to(tl.int64), mask=cm)
+        n_i = tl.load(part_n + p, mask=ok, other=0)
+        valid = kk[None, :] < n_i[:, None]
+        keys = tl.load(part_k + p[:, None] * KP + kk[None, :], mask=valid, other=0)
+        keys = tl.reshape(keys, [NSP * KP])
+        valid = tl.reshape(valid, [NSP * KP])
+        keep, t32 = _select((keys >> 32).to(tl.int32), valid, NC)
+        # compact into the row's first partial list (read above), then sort
+        rowk = part_k + (row.to(tl.int64) * NS) * KP
+        n = _compact(rowk, keys, keep)
+        _write_sorted(rowk, n, cand_v + row.to(tl.int64) * NC,
+                      cand_i + row.to(tl.int64) * NC, NC, V, KP, 32)
 
 
 # ----------------------------------------------------------------------------
@@ -418,18 +403,19 @@ def _next_pow2(n: int) -> int:
 
 def plan(B: int, V: int, num_candidates: int, device: torch.device, layout: str = "auto",
          num_splits: Optional[int] = None, block: Optional[int] = None,
-         num_warps: Optional[int] = None, prefetch: bool = False):
-    """Launch plan ``dict(NS, CHUNK, R, G, KP, num_warps, prefetch)`` for a ``[B, V]`` input.
+         num_warps: Optional[int] = None, prefetch: Optional[bool] = None):
+    """Launch plan ``dict(NS, CHUNK, BLOCK, CAP, KP, num_warps, prefetch)`` for ``[B, V]``.
 
     ``layout``: ``"auto"`` (split when ``B`` is below the SM count), ``"row"``
     or ``"split"``. ``num_splits`` forces the split count (clamped to
-    ``1..min(MAX_SPLITS, ceil(V / tile))``); ``block`` forces the tile size
-    (a power of two >= KP); ``num_warps`` the warps per program; ``prefetch``
-    loads the next tile before working on the current one.
+    ``1..min(MAX_SPLITS, ceil(V / BLOCK))``); ``block`` forces the tile size (a
+    power of two); ``num_warps`` the warps per program; ``prefetch`` loads the
+    next tile before working on the current one.
     """
     if layout not in ("auto", "row", "split"):
         raise ValueError(f"layout: expected 'auto', 'row' or 'split', got {layout!r}")
     KP = max(16, _next_pow2(num_candidates)) if num_candidates > 0 else 16
+    cap = min(1024, max(256, 8 * KP))
     sms = num_sms(device)
     split = layout == "split" or (layout == "auto" and B < sms)
     if block is None:
@@ -437,7 +423,7 @@ def plan(B: int, V: int, num_candidates: int, device: torch.device, layout: str 
             block = 16384  # interpreter: few large tiles (each op has a fixed cost)
         else:
             block = 2048 if split else 4096
-    block = max(KP, min(_next_pow2(block), _next_pow2(V)))
+    block = max(16, min(_next_pow2(block), _next_pow2(V)))
     max_ns = max(1, min(MAX_SPLITS, triton.cdiv(V, block)))
     if not split:
         ns = 1
@@ -449,14 +435,14 @@ def plan(B: int, V: int, num_candidates: int, device: torch.device, layout: str 
     ns = triton.cdiv(V, chunk)
     if num_warps is None:
         num_warps = 8 if block >= 4096 else 4
-    return dict(NS=ns, CHUNK=chunk, R=KP, G=block // KP, KP=KP, num_warps=num_warps,
-                prefetch=prefetch)
+    return dict(NS=ns, CHUNK=chunk, BLOCK=block, CAP=cap, KP=KP, num_warps=num_warps,
+                prefetch=bool(prefetch) if prefetch is not None else False)
 
 
 def fused_logit_stats(logits: torch.Tensor, num_candidates: int = K_MAX, *,
                       layout: str = "auto", num_splits: Optional[int] = None,
-                      block: Optional[int] = None, network: Optional[bool] = None,
-                      num_warps: Optional[int] = None, prefetch: Optional[bool] = None
+                      block: Optional[int] = None, num_warps: Optional[int] = None,
+                      prefetch: Optional[bool] = None
                       ) -> Tuple[LogitStats, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """One read of ``logits [B, V]`` (float32, float16 or bfloat16; ``V >= 1``;
     rows may be strided, the last dimension must be contiguous or is made so).
@@ -467,15 +453,14 @@ def fused_logit_stats(logits: torch.Tensor, num_candidates: int = K_MAX, *,
     ``argmax`` (lowest id on ties), each ``[B]``; all ``-inf`` row: ``-inf``
     max and logsumexp, zero entropy and varentropy, argmax 0; a row with NaN
     or ``+inf``: NaN statistics, argmax 0. ``cand_vals [B, num_candidates]``
-    float32 descending (``-inf`` padding, NaN read as ``-inf``) and
-    ``cand_ids`` int64 (padding ids are valid ids); ``None, None`` when
+    float32 descending, NaN read as ``-inf``; ``cand_ids`` int64, the lower id
+    first among equal values; when the row has fewer than ``num_candidates``
+    entries the rest is ``-inf`` with id 0. ``None, None`` when
     ``num_candidates == 0``.
 
-    ``layout``/``num_splits``/``block``/``num_warps``/``prefetch`` override the launch plan (see
-    :func:`plan`); ``network`` picks the candidate-merge implementation
-    (bitonic network, the default on CUDA; rank placement, the default under
-    the interpreter). Results do not depend on them beyond float32 rounding
-    and the ids chosen among tied candidate values.
+    ``layout``/``num_splits``/``block``/``num_warps``/``prefetch`` override the
+    launch plan (see :func:`plan`); results do not depend on them beyond
+    float32 rounding of the statistics.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits: expected a [B, V] tensor, got shape {tuple(logits.shape)}")
@@ -490,43 +475,42 @@ def fused_logit_stats(logits: torch.Tensor, num_candidates: int = K_MAX, *,
         logits = logits.contiguous()
     dev = logits.device
     f32 = dict(device=dev, dtype=torch.float32)
+    i64 = dict(device=dev, dtype=torch.int64)
     out_max = torch.empty(B, **f32)
     out_lse = torch.empty(B, **f32)
     out_ent = torch.empty(B, **f32)
     out_vent = torch.empty(B, **f32)
-    out_arg = torch.empty(B, device=dev, dtype=torch.int64)
+    out_arg = torch.empty(B, **i64)
     NC = int(num_candidates)
     cand = NC > 0
     cand_v = torch.empty((B, NC), **f32) if cand else out_max
-    cand_i = torch.empty((B, NC), device=dev, dtype=torch.int64) if cand else out_arg
+    cand_i = torch.empty((B, NC), **i64) if cand else out_arg
     stats = LogitStats(out_max, out_arg, out_lse, out_ent, out_vent)
     if B == 0:
         return (stats, cand_v, cand_i) if cand else (stats, None, None)
 
-    p = plan(B, V, NC, dev, layout, num_splits, block, num_warps,
-             bool(prefetch) if prefetch is not None else False)
-    NS, R, G, KP = p["NS"], p["R"], p["G"], p["KP"]
-    LK = KP.bit_length() - 1
-    net = bool(logits.is_cuda) if network is None else bool(network)
+    p = plan(B, V, NC, dev, layout, num_splits, block, num_warps, prefetch)
+    NS, KP, CAP = p["NS"], p["KP"], p["CAP"]
+    buf = torch.empty((B, NS, CAP) if cand else (1,), **i64)
+    consts = dict(BLOCK=p["BLOCK"], CAP=CAP, KP=KP, CAND=cand, PREFETCH=p["prefetch"],
+                  num_warps=p["num_warps"])
     if NS == 1:
         _logit_stats_kernel[(B, 1)](
             logits, logits.stride(0), V, p["CHUNK"], 1,
             out_max, out_arg, out_lse, out_ent, out_vent, cand_v, cand_i, NC,
-            out_max, out_arg, out_arg,
-            R=R, G=G, LK=LK, CAND=cand, FINAL=True, NET=net, PREFETCH=p["prefetch"], num_warps=p["num_warps"])
+            out_max, out_arg, out_arg, out_arg, buf, FINAL=True, **consts)
     else:
         part_f = torch.empty((B, NS, 4), **f32)
         part_i = torch.empty((B, NS), device=dev, dtype=torch.int32)
-        part_k = torch.empty((B, NS, KP) if cand else (1,), device=dev, dtype=torch.int64)
+        part_k = torch.empty((B, NS, KP) if cand else (1,), **i64)
+        part_n = torch.empty((B, NS) if cand else (1,), device=dev, dtype=torch.int32)
         _logit_stats_kernel[(B, NS)](
             logits, logits.stride(0), V, p["CHUNK"], NS,
             out_max, out_arg, out_lse, out_ent, out_vent, cand_v, cand_i, NC,
-            part_f, part_i, part_k,
-            R=R, G=G, LK=LK, CAND=cand, FINAL=False, NET=net, PREFETCH=p["prefetch"], num_warps=p["num_warps"])
+            part_f, part_i, part_k, part_n, buf, FINAL=False, **consts)
         NSP = _next_pow2(NS)
         _merge_kernel[(B,)](
-            part_f, part_i, part_k, NS, V,
+            part_f, part_i, part_k, part_n, NS, V,
             out_max, out_arg, out_lse, out_ent, out_vent, cand_v, cand_i, NC,
-            NSP=NSP, LS=NSP.bit_length() - 1, KP=KP, LK=LK, CAND=cand, NET=net,
-            num_warps=4 if NSP * KP <= 2048 else 8)
+            NSP=NSP, KP=KP, CAND=cand, num_warps=4 if NSP * KP <= 2048 else 8)
     return (stats, cand_v, cand_i) if cand else (stats, None, None)
