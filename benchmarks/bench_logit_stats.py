@@ -117,12 +117,12 @@ def cuda_main(args):
 
     if args.sweep:
         rows = []
-        shapes = [(8, 128256), (64, 128256), (1024, 128256)]
+        shapes = [(1, 128256), (8, 128256), (64, 128256), (256, 128256), (1024, 32000)]
         configs = [dict(layout="row", block=b, num_warps=w, prefetch=pf)
-                   for b, w in ((512, 4), (1024, 4), (2048, 4), (1024, 8), (2048, 8))
+                   for b, w in ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8))
                    for pf in (False, True)]
-        configs += [dict(layout="split", block=b, num_warps=w, prefetch=pf)
-                    for b, w in ((512, 4), (1024, 4), (1024, 8)) for pf in (False, True)]
+        configs += [dict(layout="split", block=b, num_warps=w)
+                    for b, w in ((1024, 4), (2048, 4), (2048, 8), (4096, 8))]
         for B, V in shapes:
             x = make(B, V, torch.float32)
             y = torch.empty_like(x)

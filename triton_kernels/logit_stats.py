@@ -110,15 +110,16 @@ def _k32(v):
 
 
 @triton.jit
-def _select_exact(keys, valid, K):
-    """The ``K`` largest valid int64 keys of a 1-D tensor (any order).
+def _select(k32, valid, K):
+    """The ``K`` largest valid keys of a 1-D tensor whose order is id order,
+    given their value fields ``k32`` (int32, see ``_k32``).
 
-    Returns ``keep`` marking ``min(K, #valid)`` entries. The K-th largest value
-    field is found by bisection over the int32 value field (each step one
-    counting reduction); when more entries equal it than places remain, a
-    second bisection over the id field keeps the lowest ids.
+    Returns ``(keep, t32)``: ``keep`` marks ``min(K, #valid)`` entries; ``t32``
+    is the value field of the K-th largest key when at least K entries are
+    valid. The k-th largest value is found by bisection over the int32 value
+    field (each step one counting reduction); among the entries equal to it
+    the first ones (lowest ids) fill the remaining places.
     """
-    k32 = (keys >> 32).to(tl.int32)
     nvalid = tl.sum(valid.to(tl.int32), axis=0)
     lo = tl.min(tl.where(valid, k32, 2147483647), axis=0)
     hi = tl.max(tl.where(valid, k32, -2147483647), axis=0)
@@ -133,70 +134,8 @@ def _select_exact(keys, valid, K):
     gt = valid & (k32 > lo)
     eq = valid & (k32 == lo)
     quota = K - tl.sum(gt.to(tl.int32), axis=0)
-    low = keys.to(tl.int32)  # 2**31 - 1 - id: larger for lower ids, never negative
-    many = tl.sum(eq.to(tl.int32), axis=0) > quota
-    lo2 = tl.where(many, tl.min(tl.where(eq, low, 2147483647), axis=0), 0)
-    hi2 = tl.where(many, tl.max(tl.where(eq, low, 0), axis=0), 0)
-    while lo2 < hi2:
-        mid = ((lo2.to(tl.int64) + hi2.to(tl.int64) + 1) >> 1).to(tl.int32)
-        c = tl.sum((eq & (low >= mid)).to(tl.int32), axis=0)
-        up = c >= quota
-        lo2 = tl.where(up, mid, lo2)
-        hi2 = tl.where(up, hi2, mid - 1)
-    return gt | (eq & (low >= lo2))
-
-
-# Tile rows. A program's tile is ``[A, ROWS, SPAN]``: tile row r holds the ids
-# ``r*C + a*SPAN + j`` (C = A*SPAN), in id order along (a, j). With SPAN = 32
-# threads x a vector, Triton gives every tile row to one warp (warps along
-# axis 1), so reductions over axes 0 and 2 never leave a warp.
-@triton.jit
-def _rsum(t):
-    return tl.sum(tl.sum(t, axis=0), axis=1)
-
-
-@triton.jit
-def _rmax(t):
-    return tl.max(tl.max(t, axis=0), axis=1)
-
-
-@triton.jit
-def _rmin(t):
-    return tl.min(tl.min(t, axis=0), axis=1)
-
-
-@triton.jit
-def _rcumsum(t):
-    """Inclusive prefix sum along each tile row, in id order."""
-    seg = tl.sum(t, axis=2)
-    return tl.cumsum(t, axis=2) + (tl.cumsum(seg, axis=0) - seg)[:, :, None]
-
-
-@triton.jit
-def _rows_select(k32, valid, K):
-    """Per tile row of an ``[A, ROWS, SPAN]`` tensor: the ``K`` largest valid
-    entries by value field ``k32``, the first ones (in id order) among ties.
-
-    Every reduction stays inside the row's warp (no block-wide
-    synchronisation) and the bisection takes a fixed 32 steps. Returns
-    ``(keep, t32 [ROWS], full [ROWS])``: ``t32`` is the value field of the
-    row's K-th largest entry when the row has at least K (``full``).
-    """
-    nvalid = _rsum(valid.to(tl.int32))
-    lo = _rmin(tl.where(valid, k32, 2147483647))
-    hi = _rmax(tl.where(valid, k32, -2147483647))
-    hi = tl.where(nvalid > K, hi, lo)
-    for _ in range(32):
-        mid = ((lo.to(tl.int64) + hi.to(tl.int64) + 1) >> 1).to(tl.int32)
-        c = _rsum((valid & (k32 >= mid[None, :, None])).to(tl.int32))
-        up = c >= K
-        lo = tl.where(up, mid, lo)
-        hi = tl.where(up, hi, mid - 1)
-    gt = valid & (k32 > lo[None, :, None])
-    eq = valid & (k32 == lo[None, :, None])
-    quota = K - _rsum(gt.to(tl.int32))
-    keep = gt | (eq & (_rcumsum(eq.to(tl.int32)) <= quota[None, :, None]))
-    return keep, lo, nvalid >= K
+    keep = gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= quota))
+    return keep, lo
 
 
 @triton.jit
@@ -244,19 +183,15 @@ def _logit_stats_kernel(
     x_ptr, stride_b, V, CHUNK, NS,
     out_max, out_arg, out_lse, out_ent, out_vent, cand_v, cand_i, NC,
     part_f, part_i, part_k, part_n, buf_ptr,
-    ROWS: tl.constexpr, A: tl.constexpr, SPAN: tl.constexpr, CAPW: tl.constexpr,
-    KP: tl.constexpr, CAND: tl.constexpr, FINAL: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK: tl.constexpr, CAP: tl.constexpr, KP: tl.constexpr,
+    CAND: tl.constexpr, FINAL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Program (row, split): vocabulary ids ``[split*CHUNK, min(V, (split+1)*CHUNK))``.
 
-    Tiles are ``[A, ROWS, SPAN]`` (see ``_rsum``): one warp per tile row, so
-    every per-tile reduction stays inside a warp. Each tile row keeps its own
-    running statistics and its own candidate buffer
-    ``buf_ptr[row, split, r, 0:CAPW]``; they are merged once at the end.
     FINAL (NS == 1): writes the row's outputs. Otherwise writes partials:
     ``part_f[row, split, 0:4] = (m, S0, mu, M2)``, ``part_i[row, split]`` the
-    argmax id, ``part_k[row, split, 0:n]`` its top keys and
-    ``part_n[row, split] = n``.
+    argmax id, ``part_k[row, split, 0:n]`` its top keys (id order) and
+    ``part_n[row, split] = n``. ``buf_ptr[row, split, 0:CAP]`` is scratch.
     """
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -264,48 +199,23 @@ def _logit_stats_kernel(
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, V)
     prog = row.to(tl.int64) * NS + split
-    C: tl.constexpr = A * SPAN
-    BLOCK: tl.constexpr = ROWS * C
+    buf = buf_ptr + prog * CAP
+
+    ar = tl.arange(0, BLOCK)
     NEG_INF = float("-inf")
 
-    rr = tl.arange(0, ROWS)[None, :, None]
-    tile = rr * C + tl.arange(0, A)[:, None, None] * SPAN + tl.arange(0, SPAN)[None, None, :]
-    bcol = tl.arange(0, CAPW // SPAN)[:, None, None] * SPAN + tl.arange(0, SPAN)[None, None, :]
-    rbuf = buf_ptr + prog * (ROWS * CAPW) + rr * CAPW  # [1, ROWS, 1]
-
-    # per tile-row running state ([ROWS] vectors)
-    m = _rmax(tl.full([A, ROWS, SPAN], NEG_INF, tl.float32))
-    S0 = _rsum(tl.zeros([A, ROWS, SPAN], tl.float32))
+    m = tl.max(tl.full([BLOCK], NEG_INF, tl.float32), axis=0)
+    S0 = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
     mu = S0
     M2 = S0
-    am = _rsum(tl.zeros([A, ROWS, SPAN], tl.int32))
-    cnt = am  # candidate keys held per tile row
-    # a value that NC held keys (all from earlier tiles) beat: entries <= thr
-    # can never make the program's top NC
-    thr = tl.max(m, axis=0)
+    am = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
+    thr = m  # candidates: a value at least NC held keys reach (-inf: none yet)
+    cnt = am  # keys held in the scratch buffer
 
     if PREFETCH:  # register double buffering: the next tile's load is in flight
-        x_next = tl.load(base + lo + tile, mask=lo + tile < hi, other=NEG_INF)
+        x_next = tl.load(base + lo + ar, mask=lo + ar < hi, other=NEG_INF)
     for start in range(lo, hi, BLOCK):
-        if CAND:
-            # room for a full tile row of appends: compact every tile row to
-            # its top NC (rarely: the threshold rises each time)
-            if tl.max(cnt, axis=0) > CAPW - C:
-                held = bcol < cnt[None, :, None]
-                # select on the value halves (the high int32 words, little
-                # endian), then move the kept keys: fewer live registers
-                k32 = tl.load(rbuf.to(tl.pointer_type(tl.int32)) + 2 * bcol + 1,
-                              mask=held, other=0)
-                keep, t32, full = _rows_select(k32, held, NC)
-                dest = _rcumsum(keep.to(tl.int32)) - 1
-                bk = tl.load(rbuf + bcol, mask=keep, other=0)
-                tl.debug_barrier()
-                tl.store(rbuf + dest, bk, mask=keep)
-                tl.debug_barrier()
-                cnt = _rsum(keep.to(tl.int32))
-                thr = tl.maximum(thr, tl.max(tl.where(full, _k32_value(t32), NEG_INF), axis=0))
-
-        offs = start + tile
+        offs = start + ar
         inr = offs < hi
         if PREFETCH:
             x = x_next.to(tl.float32)
@@ -314,24 +224,23 @@ def _logit_stats_kernel(
         else:
             x = tl.load(base + offs, mask=inr, other=NEG_INF).to(tl.float32)
         xc = tl.where(x != x, NEG_INF, x)
-        tmax = tl.max(tl.max(xc, axis=0), axis=1)
+        tmax = tl.max(xc, axis=0)
 
-        # argmax: lowest id of the row max when it beats the running max
-        amt = tl.where(xc == tmax[None, :, None], offs, 2147483647)
-        amt = tl.min(tl.min(amt, axis=0), axis=1)
-        am = tl.where(tmax > m, amt, am)
+        # argmax: lowest id of the tile max when it beats the running max
+        if tmax > m:
+            am = tl.min(tl.where(xc == tmax, offs, 2147483647), axis=0)
 
-        # moments of the tile row around the new max, merged with Chan's rule
+        # moments of the tile around the new max, merged with Chan's rule
         m_new = tl.maximum(m, tmax)
         m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
         is_ninf = x == NEG_INF
-        d = tl.where(is_ninf, 0.0, x - m_use[None, :, None])
+        d = tl.where(is_ninf, 0.0, x - m_use)
         e = tl.where(is_ninf, 0.0, tl.exp2(d * LOG2E))
-        s0 = tl.sum(tl.sum(e, axis=0), axis=1)
-        s1 = tl.sum(tl.sum(d * e, axis=0), axis=1)
+        s0 = tl.sum(e, axis=0)
+        s1 = tl.sum(d * e, axis=0)
         mu_t = tl.where(s0 > 0.0, s1 / s0, 0.0)
-        c = d - mu_t[None, :, None]
-        m2_t = tl.sum(tl.sum(e * c * c, axis=0), axis=1)
+        c = d - mu_t
+        m2_t = tl.sum(e * c * c, axis=0)
         shift = tl.where(m == NEG_INF, 0.0, m - m_use)
         alpha = tl.exp2(shift * LOG2E)
         S0a = S0 * alpha
@@ -345,70 +254,67 @@ def _logit_stats_kernel(
         m = m_new
 
         if CAND:
-            # append (in id order) what can still make the top NC: everything
-            # while the tile row holds fewer than NC keys, then entries > thr
-            # (tl.where rather than `|` with a scalar: the interpreter would
-            # turn the mask into int32)
-            app = inr & tl.where(cnt[None, :, None] < NC, inr, xc > thr)
-            ai = app.to(tl.int32)
-            seg = tl.sum(ai, axis=2)
-            pos = tl.cumsum(ai, axis=2) + (tl.cumsum(seg, axis=0) - seg)[:, :, None]
-            tl.store(rbuf + cnt[None, :, None] + pos - 1, _pack_key(xc, offs), mask=app)
-            cnt += tl.sum(seg, axis=0)
-
-    # merge the tile rows' statistics (Chan's rule, as in the merge kernel)
-    Mx = tl.max(m, axis=0)
-    Mx_use = tl.where(Mx == NEG_INF, 0.0, Mx)
-    fin = m != NEG_INF
-    sh = tl.where(fin, m - Mx_use, 0.0)
-    al = tl.where(fin, tl.exp2(sh * LOG2E), 0.0)
-    w = al * S0
-    S0t = tl.sum(w, axis=0)
-    pos_ = S0t > 0.0
-    S0_safe = tl.where(pos_, S0t, 1.0)
-    mup = mu + sh
-    mut = tl.sum(w * mup, axis=0) / S0_safe
-    dd = mup - mut
-    M2t = tl.sum(al * M2 + w * dd * dd, axis=0)
-    amx = tl.min(tl.where(m == Mx, am, 2147483647), axis=0)
-    amx = tl.where(Mx == NEG_INF, 0, amx)
+            if (tmax > thr) | (cnt < NC):
+                # (tl.where rather than `|` with a scalar: the interpreter
+                # would turn the mask into int32)
+                app = inr & tl.where(cnt < NC, inr, xc > thr)
+                n = tl.sum(app.to(tl.int32), axis=0)
+                if n > CAP - NC:
+                    # too many for the buffer: keep the tile's own top NC
+                    keep, t32 = _select(_k32(xc), app, NC)
+                    app = keep
+                    n = tl.sum(app.to(tl.int32), axis=0)
+                    thr = tl.where(n >= NC, tl.maximum(thr, _k32_value(t32)), thr)
+                if cnt + n > CAP:
+                    # compact the buffer (it holds > CAP - n >= NC keys) to its top NC
+                    ci = tl.arange(0, CAP)
+                    held = ci < cnt
+                    bk = tl.load(buf + ci, mask=held, other=0)
+                    keep, t32 = _select((bk >> 32).to(tl.int32), held, NC)
+                    cnt = _compact(buf, bk, keep)
+                    thr = tl.maximum(thr, _k32_value(t32))
+                    app = app & (xc > thr)
+                    n = tl.sum(app.to(tl.int32), axis=0)
+                pos = cnt + tl.cumsum(app.to(tl.int32), axis=0) - 1
+                tl.store(buf + pos, _pack_key(xc, offs), mask=app)
+                cnt += n
 
     if CAND:
-        # the program's top NC over all tile rows, compacted to the buffer front
+        # the held keys' top NC, compacted to the front of the buffer
         tl.debug_barrier()
-        held = bcol < cnt[None, :, None]
-        bk = tl.load(rbuf + bcol, mask=held, other=0)
-        keys = tl.reshape(bk, [ROWS * CAPW])
-        keep = _select_exact(keys, tl.reshape(held, [ROWS * CAPW]), NC)
-        pbuf = buf_ptr + prog * (ROWS * CAPW)
-        n_held = _compact(pbuf, keys, keep)
+        ci = tl.arange(0, CAP)
+        held = ci < cnt
+        bk = tl.load(buf + ci, mask=held, other=0)
+        keep, t32 = _select((bk >> 32).to(tl.int32), held, NC)
+        cnt = _compact(buf, bk, keep)
 
     if FINAL:
-        bad = S0t != S0t
-        log_s0 = tl.log(S0_safe)
+        bad = S0 != S0
+        pos_ = S0 > 0.0
+        log_s0 = tl.log(tl.where(pos_, S0, 1.0))
         nan = float("nan")
-        lse = tl.where(pos_, Mx + log_s0, NEG_INF)
-        ent = tl.where(pos_, (log_s0 - mut) / LN2, 0.0)
-        vent = tl.where(pos_, M2t / S0_safe / (LN2 * LN2), 0.0)
-        tl.store(out_max + row, tl.where(bad, nan, Mx))
-        tl.store(out_arg + row, tl.where(bad, 0, amx).to(tl.int64))
+        lse = tl.where(pos_, m + log_s0, NEG_INF)
+        ent = tl.where(pos_, (log_s0 - mu) / LN2, 0.0)
+        vent = tl.where(pos_, M2 / tl.where(pos_, S0, 1.0) / (LN2 * LN2), 0.0)
+        tl.store(out_max + row, tl.where(bad, nan, m))
+        tl.store(out_arg + row, tl.where(bad, 0, am).to(tl.int64))
         tl.store(out_lse + row, tl.where(bad, nan, lse))
         tl.store(out_ent + row, tl.where(bad, nan, ent))
         tl.store(out_vent + row, tl.where(bad, nan, vent))
         if CAND:
-            _write_sorted(pbuf, n_held, cand_v + row.to(tl.int64) * NC,
+            _write_sorted(buf, cnt, cand_v + row.to(tl.int64) * NC,
                           cand_i + row.to(tl.int64) * NC, NC, V, KP, 32)
     else:
-        tl.store(part_f + prog * 4 + 0, Mx)
-        tl.store(part_f + prog * 4 + 1, S0t)
-        tl.store(part_f + prog * 4 + 2, mut)
-        tl.store(part_f + prog * 4 + 3, M2t)
-        tl.store(part_i + prog, amx)
+        tl.store(part_f + prog * 4 + 0, m)
+        tl.store(part_f + prog * 4 + 1, S0)
+        tl.store(part_f + prog * 4 + 2, mu)
+        tl.store(part_f + prog * 4 + 3, M2)
+        tl.store(part_i + prog, am)
         if CAND:
             kk = tl.arange(0, KP)
-            tl.store(part_k + prog * KP + kk, tl.load(pbuf + kk, mask=kk < n_held, other=0),
-                     mask=kk < n_held)
-            tl.store(part_n + prog, n_held)
+            tl.store(part_k + prog * KP + kk, tl.load(buf + kk, mask=kk < cnt, other=0),
+                     mask=kk < cnt)
+            tl.store(part_n + prog, cnt)
 
 
 @triton.jit
@@ -466,7 +372,7 @@ def _merge_kernel(
         keys = tl.load(part_k + p[:, None] * KP + kk[None, :], mask=valid, other=0)
         keys = tl.reshape(keys, [NSP * KP])
         valid = tl.reshape(valid, [NSP * KP])
-        keep = _select_exact(keys, valid, NC)
+        keep, t32 = _select((keys >> 32).to(tl.int32), valid, NC)
         # compact into the row's first partial list (read above), then sort
         rowk = part_k + (row.to(tl.int64) * NS) * KP
         n = _compact(rowk, keys, keep)
@@ -497,13 +403,8 @@ def _next_pow2(n: int) -> int:
 
 def plan(B: int, V: int, num_candidates: int, device: torch.device, layout: str = "auto",
          num_splits: Optional[int] = None, block: Optional[int] = None,
-         num_warps: Optional[int] = None, prefetch: Optional[bool] = None,
-         itemsize: int = 4):
-    """Launch plan ``dict(NS, CHUNK, BLOCK, ROWS, A, SPAN, C, CAPW, KP, num_warps,
-    prefetch)`` for ``[B, V]`` logits of ``itemsize`` bytes.
-
-    A program reads tiles of ``BLOCK = ROWS * C`` logits, ``C = A * SPAN`` per
-    warp (``SPAN`` = 32 threads x one 16-byte vector).
+         num_warps: Optional[int] = None, prefetch: Optional[bool] = None):
+    """Launch plan ``dict(NS, CHUNK, BLOCK, CAP, KP, num_warps, prefetch)`` for ``[B, V]``.
 
     ``layout``: ``"auto"`` (split when ``B`` is below the SM count), ``"row"``
     or ``"split"``. ``num_splits`` forces the split count (clamped to
@@ -514,20 +415,15 @@ def plan(B: int, V: int, num_candidates: int, device: torch.device, layout: str 
     if layout not in ("auto", "row", "split"):
         raise ValueError(f"layout: expected 'auto', 'row' or 'split', got {layout!r}")
     KP = max(16, _next_pow2(num_candidates)) if num_candidates > 0 else 16
+    cap = min(1024, max(256, 8 * KP))
     sms = num_sms(device)
     split = layout == "split" or (layout == "auto" and B < sms)
-    if num_warps is None:
-        num_warps = 4
     if block is None:
         if device.type != "cuda":
-            block = 8192  # interpreter: few large tiles (each op has a fixed cost)
+            block = 16384  # interpreter: few large tiles (each op has a fixed cost)
         else:
-            block = 32 * 8 * num_warps  # 8 logits per thread
-    rows = num_warps
-    span = 32 * max(1, 16 // itemsize)
-    block = max(rows * span, min(_next_pow2(block), _next_pow2(V)))
-    C = block // rows
-    capw = _next_pow2(KP + C)
+            block = 2048 if split else 4096
+    block = max(16, min(_next_pow2(block), _next_pow2(V)))
     max_ns = max(1, min(MAX_SPLITS, triton.cdiv(V, block)))
     if not split:
         ns = 1
@@ -537,10 +433,14 @@ def plan(B: int, V: int, num_candidates: int, device: torch.device, layout: str 
         ns = max(1, min(max_ns, triton.cdiv(2 * sms, max(B, 1))))
     chunk = triton.cdiv(triton.cdiv(V, ns), block) * block
     ns = triton.cdiv(V, chunk)
+    # defaults from the H100 sweep in benchmarks/RESULTS.md: 4 warps, and for
+    # one program per row a register double-buffered next tile
+    if num_warps is None:
+        num_warps = 8 if block >= 8192 else 4
     if prefetch is None:
         prefetch = not split and device.type == "cuda"
-    return dict(NS=ns, CHUNK=chunk, BLOCK=block, ROWS=rows, A=C // span, SPAN=span, C=C,
-                CAPW=capw, KP=KP, num_warps=num_warps, prefetch=bool(prefetch))
+    return dict(NS=ns, CHUNK=chunk, BLOCK=block, CAP=cap, KP=KP, num_warps=num_warps,
+                prefetch=bool(prefetch))
 
 
 def fused_logit_stats(logits: torch.Tensor, num_candidates: int = K_MAX, *,
@@ -593,12 +493,11 @@ def fused_logit_stats(logits: torch.Tensor, num_candidates: int = K_MAX, *,
     if B == 0:
         return (stats, cand_v, cand_i) if cand else (stats, None, None)
 
-    p = plan(B, V, NC, dev, layout, num_splits, block, num_warps, prefetch,
-             logits.element_size())
-    NS, KP = p["NS"], p["KP"]
-    buf = torch.empty((B, NS, p["ROWS"] * p["CAPW"]) if cand else (1,), **i64)
-    consts = dict(ROWS=p["ROWS"], A=p["A"], SPAN=p["SPAN"], CAPW=p["CAPW"], KP=KP, CAND=cand,
-                  PREFETCH=p["prefetch"], num_warps=p["num_warps"])
+    p = plan(B, V, NC, dev, layout, num_splits, block, num_warps, prefetch)
+    NS, KP, CAP = p["NS"], p["KP"], p["CAP"]
+    buf = torch.empty((B, NS, CAP) if cand else (1,), **i64)
+    consts = dict(BLOCK=p["BLOCK"], CAP=CAP, KP=KP, CAND=cand, PREFETCH=p["prefetch"],
+                  num_warps=p["num_warps"])
     if NS == 1:
         _logit_stats_kernel[(B, 1)](
             logits, logits.stride(0), V, p["CHUNK"], 1,
