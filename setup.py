@@ -107,14 +107,20 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+# The Triton kernels live in the top-level directory `triton_kernels/` but are
+# installed as `entropix_vllm.triton_kernels`: a top-level `triton_kernels`
+# package would shadow OpenAI's `triton_kernels`, which vLLM imports (mxfp4 MoE).
+PACKAGE_DIR = {"entropix_vllm.triton_kernels": "triton_kernels"}
+
+
 def _packages():
-    pkgs = find_packages(include=["entropix_vllm", "entropix_vllm.*", "triton_kernels",
-                                  "triton_kernels.*"])
+    pkgs = find_packages(include=["entropix_vllm", "entropix_vllm.*"])
     # Directories without an __init__.py yet are shipped too (implicit packages).
-    for name in ("entropix_vllm", "entropix_vllm/integration", "triton_kernels"):
+    for name in ("entropix_vllm", "entropix_vllm/integration"):
         mod = name.replace("/", ".")
         if os.path.isdir(os.path.join(ROOT, name)) and mod not in pkgs:
             pkgs.append(mod)
+    pkgs += list(PACKAGE_DIR)
     return sorted(pkgs)
 
 
@@ -130,6 +136,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9",
     packages=_packages(),
+    package_dir=PACKAGE_DIR,
     # No torch / vllm pins here: the plugin runs inside whatever vLLM (and its
     # torch) is installed; pulling another one would replace the user's build.
     install_requires=[],

@@ -229,7 +229,7 @@ def fmt(x, nd=3):
 # CUDA
 # ----------------------------------------------------------------------------
 def run_cuda(args):
-    from triton_kernels import attn_stats as tk
+    from entropix_vllm.triton_kernels import attn_stats as tk
 
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
@@ -365,7 +365,7 @@ def run_cpu(args):
             row = [str(B), str(L), fmt(t_read), fmt(t_cpp),
                    fmt(None if t_cpp is None else t_cpp / t_read, 2), fmt(t_ref)]
             if args.interpret:
-                from triton_kernels import attn_stats as tk
+                from entropix_vllm.triton_kernels import attn_stats as tk
                 row.append(fmt(bench_cpu(lambda: tk.paged_attention_stats(
                     q, k, bt, sl, scale, max_seq_len=L), min_time=0.0, max_reps=1)))
             print("| " + " | ".join(row) + " |", flush=True)

@@ -84,7 +84,7 @@ def cuda_main(args):
     from triton.testing import do_bench, do_bench_cudagraph
 
     from entropix_vllm import reference
-    from triton_kernels.logit_stats import fused_logit_stats, plan
+    from entropix_vllm.triton_kernels.logit_stats import fused_logit_stats, plan
 
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)

@@ -43,7 +43,7 @@ def triton_available() -> bool:
     try:
         import triton  # noqa: F401
 
-        import triton_kernels  # noqa: F401
+        import entropix_vllm.triton_kernels  # noqa: F401
     except Exception:
         return False
     return True
@@ -94,7 +94,7 @@ def logit_stats_and_candidates(logits: torch.Tensor, num_candidates: int = K_MAX
         raise ValueError(f"num_candidates: expected 0..{K_MAX}, got {num_candidates}")
     be = _resolve(backend, logits)
     if be == "triton":
-        from triton_kernels.logit_stats import fused_logit_stats
+        from entropix_vllm.triton_kernels.logit_stats import fused_logit_stats
         return fused_logit_stats(logits, num_candidates)
     if be == "cpp":
         out = torch.ops.entropix.logit_stats(logits.contiguous(), num_candidates)
@@ -134,7 +134,7 @@ def sample_candidates(cand_vals: torch.Tensor, cand_ids: torch.Tensor,
     """
     be = _resolve(backend, cand_vals)
     if be == "triton":
-        from triton_kernels.candidate_sampling import sample_candidates as _tk
+        from entropix_vllm.triton_kernels.candidate_sampling import sample_candidates as _tk
         return _tk(cand_vals, cand_ids, temperature, top_k, top_p, min_p, n_draws, noise)
     if be == "cpp":
         return torch.ops.entropix.sample_candidates(
@@ -177,7 +177,7 @@ def paged_attention_stats(q: torch.Tensor, key_cache: torch.Tensor, block_table:
     """
     be = _resolve(backend, q)
     if be == "triton":
-        from triton_kernels.attn_stats import paged_attention_stats as _tk
+        from entropix_vllm.triton_kernels.attn_stats import paged_attention_stats as _tk
         return _tk(q, key_cache, block_table, seq_lens, scale)
     if be == "cpp" and hasattr(torch.ops.entropix, "paged_attention_stats"):
         out = torch.ops.entropix.paged_attention_stats(q, key_cache, block_table, seq_lens, float(scale))

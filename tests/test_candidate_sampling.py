@@ -36,7 +36,7 @@ if not CUDA:
 pytest.importorskip("triton")
 
 from entropix_vllm import ops, reference  # noqa: E402
-from triton_kernels.candidate_sampling import sample_candidates  # noqa: E402
+from entropix_vllm.triton_kernels.candidate_sampling import sample_candidates  # noqa: E402
 
 if not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     pytest.skip("no CUDA device and TRITON_INTERPRET is not set before triton_kernels was "

@@ -35,7 +35,7 @@ pytest.importorskip("triton")
 
 from entropix_vllm import reference  # noqa: E402
 from entropix_vllm.reference import AttnStats  # noqa: E402
-from triton_kernels import attn_stats as tk  # noqa: E402
+from entropix_vllm.triton_kernels import attn_stats as tk  # noqa: E402
 
 if not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     pytest.skip("no CUDA and the Triton interpreter is off", allow_module_level=True)

@@ -41,7 +41,7 @@ pytest.importorskip("triton")
 
 from entropix_vllm import reference  # noqa: E402
 from entropix_vllm.config import K_MAX  # noqa: E402
-from triton_kernels import logit_stats as tk  # noqa: E402
+from entropix_vllm.triton_kernels import logit_stats as tk  # noqa: E402
 
 if not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     pytest.skip("no CUDA device and TRITON_INTERPRET is not set before triton_kernels was "

@@ -454,7 +454,7 @@ def _check_inputs(q, key_cache, block_table, seq_lens):
             raise ValueError(f"{name} is on {t.device}, q on {dev}")
     if dev.type != "cuda" and not _interpreting():
         raise RuntimeError("triton attention statistics need CUDA tensors (or TRITON_INTERPRET=1 "
-                           "set before triton_kernels is imported, for CPU tensors)")
+                           "set before entropix_vllm.triton_kernels is imported, for CPU tensors)")
 
 
 _PLANS: dict = {}

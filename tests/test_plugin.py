@@ -1,0 +1,118 @@
+"""The plugin's hooks into vLLM (entropix_vllm/integration/plugin.py), in-process:
+the version gate, the real ``--sampler`` flag on vLLM's own argument parser,
+engine-config checks and the per-request key validation (the HTTP 400 path).
+The served behaviour is tested end to end in test_e2e_server.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs  # noqa: E402
+from vllm.exceptions import VLLMValidationError  # noqa: E402
+from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
+
+from entropix_vllm import bundled  # noqa: E402
+from entropix_vllm.integration import plugin  # noqa: E402
+
+plugin.register()
+
+
+def test_version_gate():
+    assert plugin.supported_version("0.32.0")
+    assert plugin.supported_version("0.32.1+cpu")
+    assert plugin.supported_version("0.33.0")
+    assert not plugin.supported_version("0.31.2")
+    assert not plugin.supported_version("0.34.0")
+    assert not plugin.supported_version("dev")
+
+
+def _parse(argv):
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    return parser.parse_args([a if a != "m" else bundled.bundled_model_path() for a in argv])
+
+
+def test_sampler_flag_reaches_additional_config():
+    args = _parse(["--model", "m", "--sampler", "entropix",
+                   "--additional-config.entropix.high_ent_thresh=4.5"])
+    ea = AsyncEngineArgs.from_cli_args(args)
+    assert ea.additional_config["sampler"] == "entropix"
+    assert float(ea.additional_config["entropix"]["high_ent_thresh"]) == 4.5
+    # absent flag: additional_config untouched
+    ea = AsyncEngineArgs.from_cli_args(_parse(["--model", "m"]))
+    assert "sampler" not in (ea.additional_config or {})
+    # the dotted additional-config form alone works too
+    ea = EngineArgs.from_cli_args(_parse(["--model", "m", "--additional-config.sampler=entropix"]))
+    assert ea.additional_config["sampler"] == "entropix"
+
+
+def test_sampler_flag_rejects_bad_values_and_conflicts():
+    with pytest.raises(SystemExit):
+        _parse(["--model", "m", "--sampler", "entropx"])
+    args = _parse(["--model", "m", "--sampler", "default", "--additional-config.sampler=entropix"])
+    with pytest.raises(ValueError, match="--sampler default contradicts"):
+        AsyncEngineArgs.from_cli_args(args)
+
+
+@pytest.fixture(scope="module")
+def vllm_config():
+    ea = EngineArgs(model=bundled.bundled_model_path(), dtype="float32", max_model_len=512,
+                    additional_config={"sampler": "entropix"})
+    return ea.create_engine_config()
+
+
+def test_engine_config_errors_name_the_key():
+    path = bundled.bundled_model_path()
+    ea = EngineArgs(model=path, dtype="float32", max_model_len=512,
+                    additional_config={"sampler": "entropix", "entropix": {"top_p": 1.5}})
+    with pytest.raises(ValueError, match=r"additional_config\.entropix\.top_p"):
+        ea.create_engine_config()
+    ea = EngineArgs(model=path, dtype="float32", max_model_len=512,
+                    additional_config={"sampler": "entropix", "entropix": {"bogus": 1}})
+    with pytest.raises(ValueError, match=r"additional_config\.entropix\.bogus"):
+        ea.create_engine_config()
+
+
+def test_v1_model_runner_with_entropix(vllm_config):
+    assert vllm_config.use_v2_model_runner is False
+
+
+def test_request_validation(vllm_config):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(bundled.bundled_model_path())
+    ok = plugin.validate_request_args({"entropix": "true", "entropix_top_p": 0.8, "other": 1},
+                                      vllm_config, tok)
+    assert ok["entropix_top_p"] == 0.8 and ok["other"] == 1
+    resolved = plugin.validate_request_args({"entropix_cot_token": " ..."}, vllm_config, tok)
+    assert resolved["entropix_cot_token"] == tok.encode(" ...", add_special_tokens=False)[0]
+    cases = {
+        "entropix_top_p": 0.0, "entropix_temperature": "hot", "entropix_nope": 1,
+        "entropix": "maybe", "entropix_top_k": 1000, "entropix_cot_token": "several words here",
+        "entropix_n_adaptive_samples": 2.5,
+    }
+    for key, value in cases.items():
+        with pytest.raises(VLLMValidationError, match=f"vllm_xargs.{key}") as e:
+            plugin.validate_request_args({key: value}, vllm_config, tok)
+        assert e.value.parameter == f"vllm_xargs.{key}"
+    with pytest.raises(VLLMValidationError, match=r"entropix_cot_token.*\[0, 49152\)"):
+        plugin.validate_request_args({"entropix_cot_token": 10 ** 6}, vllm_config, tok)
+
+
+def test_entropix_keys_refused_without_the_sampler():
+    ea = EngineArgs(model=bundled.bundled_model_path(), dtype="float32", max_model_len=512)
+    cfg = ea.create_engine_config()
+    assert plugin.validate_request_args({"other": 1}, cfg) == {"other": 1}
+    with pytest.raises(VLLMValidationError, match="does not run the Entropix sampler"):
+        plugin.validate_request_args({"entropix": True}, cfg)
+
+
+def test_speculative_decoding_refused():
+    ea = EngineArgs(model=bundled.bundled_model_path(), dtype="float32", max_model_len=512,
+                    additional_config={"sampler": "entropix"},
+                    speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                        "prompt_lookup_max": 3})
+    with pytest.raises(Exception, match="speculative decoding"):
+        ea.create_engine_config()
