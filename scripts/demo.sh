@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Set up, serve the bundled model with vLLM, ask it one question, stop the server.
+# Set up, serve the bundled model with vLLM and the Entropix sampler
+# (--sampler entropix), ask it one question, print the answer and which Entropix
+# branch chose each token (from the per-token trace), stop the server.
 #
 #   bash scripts/demo.sh                      # default question
 #   PROMPT="Why is the sky blue?" bash scripts/demo.sh
@@ -7,7 +9,8 @@
 # Environment: PORT (default: a free port), PROMPT, MAX_TOKENS (default 96),
 # WAIT_S (how long to wait for the server, default 900 s: the first start on a
 # machine compiles the model, about 2-3 minutes on 2 cores; later starts reuse
-# vLLM's compile cache), VLLM_CPU_KVCACHE_SPACE (GiB, default 2).
+# vLLM's compile cache), VLLM_CPU_KVCACHE_SPACE (GiB, default 2), TRACE (the
+# per-token trace file, default: a temporary file, removed at the end).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,8 +26,15 @@ MAX_TOKENS=${MAX_TOKENS:-96}
 WAIT_S=${WAIT_S:-900}
 PORT=${PORT:-$("$VPY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 
+KEEP_TRACE=1
+if [ -z "${TRACE:-}" ]; then
+    TRACE=$(mktemp "${TMPDIR:-/tmp}/entropix-demo-trace.XXXXXX.jsonl")
+    KEEP_TRACE=0
+fi
+
 # The vLLM serve flags, in one place.
 SERVE_FLAGS="--dtype float32 --max-model-len 4096 --served-model-name $NAME --host 127.0.0.1 --port $PORT"
+SERVE_FLAGS="$SERVE_FLAGS --sampler entropix --additional-config.entropix.trace_path=$TRACE"
 
 export HF_HUB_OFFLINE=1
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
@@ -49,6 +59,7 @@ stop_server() {
         wait "$SERVER_PID" 2>/dev/null || true
     fi
     [ "$rc" -eq 0 ] && rm -f "$LOG"
+    [ "$KEEP_TRACE" -eq 0 ] && rm -f "$TRACE"
     exit "$rc"
 }
 trap stop_server EXIT
@@ -86,3 +97,8 @@ print(f"[demo] {r.usage.completion_tokens} tokens in {time.time() - t:.1f} s "
 if not answer.strip():
     sys.exit("empty answer")
 EOF
+
+# The trace is written by a background thread of the worker: give it a moment.
+for _ in $(seq 1 20); do [ -s "$TRACE" ] && break; sleep 0.5; done
+say "which Entropix branch chose each token (python -m entropix_vllm.report TRACE):"
+"$VPY" -m entropix_vllm.report "$TRACE" | sed 's/^/    /'

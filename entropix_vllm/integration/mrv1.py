@@ -24,6 +24,14 @@ tokens. Per step, reading top to bottom:
 6. rows without Entropix: vLLM's own ``sample`` on the same logits, with only
    their own generators, so their tokens are exactly the stock sampler's;
 7. the trace (off the hot path), for Entropix rows whose sample is kept.
+
+CPU generators: for a request whose chunked prefill is not finished, vLLM
+samples a token it then discards and rewinds the request's generator with
+``set_offset``, which CPU generators do not support: the engine dies (a vLLM
+0.32 CPU bug, stock sampler included). On CPU the Entropix engine instead
+restores those generators' states after sampling and hides them from the
+rewind (:func:`guard_cpu_generator_rewind`), so a seeded request neither
+crashes the engine nor depends on how its prompt was chunked.
 """
 
 from __future__ import annotations
@@ -68,8 +76,13 @@ class EntropixSamplerV1(Sampler):
                                    lambda rid: runner.requests[rid].sampling_params,
                                    logits.device)
         if not batch.any_enabled:
-            return super().sample(logits, sampling_metadata, logprobs_mode_override)
+            saved = self._save_discarded_generators(runner, sampling_metadata, num_rows, logits)
+            out = super().sample(logits, sampling_metadata, logprobs_mode_override)
+            for g, state in saved:
+                g.set_state(state)
+            return out
 
+        saved = self._save_discarded_generators(runner, sampling_metadata, num_rows, logits)
         noise = exponential_noise(batch, sampling_metadata.generators, K_MAX, logits.device)
         prev_is_cot = self._prev_is_cot(runner, num_rows, batch.cot_token)
         attn = attention.attention_stats_for_sampler(num_rows, logits.device)
@@ -87,8 +100,19 @@ class EntropixSamplerV1(Sampler):
             if processed is not None and stock_processed is not None:
                 processed = torch.where(batch.enabled_dev[:, None], processed, stock_processed)
 
+        for g, state in saved:
+            g.set_state(state)
         self._trace(runner, batch, result, num_rows)
         return tokens, processed
+
+    @staticmethod
+    def _save_discarded_generators(runner, sampling_metadata, num_rows, logits):
+        """CPU: states of the generators of rows whose sample will be discarded."""
+        if logits.device.type != "cpu" or not sampling_metadata.generators:
+            return []
+        discard = runner.discard_request_mask.np[:num_rows]
+        return [(g, g.get_state()) for i, g in sampling_metadata.generators.items()
+                if i < num_rows and discard[i]]
 
     # -- pieces -----------------------------------------------------------------
     @staticmethod
@@ -134,3 +158,28 @@ class EntropixSamplerV1(Sampler):
             tensors[name] = getattr(result.attn, name)
         writer.submit([batch.req_ids[i] for i in rows], [int(index[i]) for i in rows], tensors,
                       rows=rows)
+
+
+def guard_cpu_generator_rewind(runner) -> None:
+    """CPU runners: skip vLLM's ``set_offset`` rewind of discarded samples.
+
+    :class:`EntropixSamplerV1` already left those generators as they were
+    before the step, so there is nothing to rewind; CPU generators would
+    raise on ``set_offset``.
+    """
+    if runner.device.type != "cpu":
+        return
+    orig = runner._bookkeeping_sync
+
+    def _bookkeeping_sync(*args, **kwargs):
+        batch = runner.input_batch
+        n = batch.num_reqs
+        discard = np.nonzero(runner.discard_request_mask.np[:n])[0]
+        hidden = {int(i): batch.generators.pop(int(i)) for i in discard
+                  if int(i) in batch.generators}
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            batch.generators.update(hidden)
+
+    runner._bookkeeping_sync = _bookkeeping_sync

@@ -250,7 +250,7 @@ def _patch_mrv1() -> None:
     import vllm.v1.worker.gpu_model_runner as runner_mod
 
     from . import attention
-    from .mrv1 import EntropixSamplerV1
+    from .mrv1 import EntropixSamplerV1, guard_cpu_generator_rewind
 
     cls = runner_mod.GPUModelRunner
     orig_init = cls.__init__
@@ -272,6 +272,7 @@ def _patch_mrv1() -> None:
                                "from vllm.v1.worker.gpu_model_runner.Sampler; this vLLM "
                                "version is not supported")
         self.sampler.bind(self, runtime)
+        guard_cpu_generator_rewind(self)
 
     cls.__init__ = __init__
 
