@@ -1,0 +1,197 @@
+"""Start and stop real ``vllm serve`` processes for the end-to-end tests.
+
+Used by ``tests/test_e2e_server.py``; importable on its own for manual runs::
+
+    from e2e_server import ServerSpec, start_servers   # with tests/ on sys.path
+    servers = start_servers([ServerSpec("E", ["--sampler", "entropix"])], model, "/tmp/logs")
+    ...
+    for s in servers.values():
+        s.stop()
+
+Every server:
+
+* runs ``<venv>/bin/vllm serve MODEL`` with the common flags of
+  :data:`COMMON_FLAGS` plus its own, on a free port, in its own process group
+  (``start_new_session``), so :meth:`Server.stop` kills the API server, the
+  engine core and the worker together;
+* logs to ``<log_dir>/<name>.log``; when it exits or does not become healthy in
+  time, :class:`ServerStartError` carries the tail of that log;
+* gets the same environment (offline, KV cache size, one OpenMP thread, no CPU
+  pinning, so several servers share the cores and compute the same floats),
+  except what its spec adds (``VLLM_PLUGINS=none`` for stock vLLM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Flags every server gets (besides the model and the port). All servers get the
+# same ones so that their numerics and scheduling limits match.
+COMMON_FLAGS = ("--dtype", "float32", "--max-model-len", "2048", "--max-num-seqs", "8",
+                "--seed", "0")
+
+# Environment every server gets. One OpenMP thread and no pinning: with vLLM's
+# automatic binding every server would pin its worker to the same core.
+COMMON_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "2",
+    "OMP_NUM_THREADS": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_LOGGING_LEVEL": "INFO",
+}
+# Removed from the inherited environment (the test suite's conftest sets
+# TRITON_INTERPRET for its own in-process kernel tests).
+DROP_ENV = ("TRITON_INTERPRET", "VLLM_PLUGINS", "VLLM_USE_V2_MODEL_RUNNER")
+
+
+class ServerStartError(RuntimeError):
+    """A server exited or did not become healthy; the message holds its log tail."""
+
+
+def vllm_executable() -> str:
+    exe = Path(sys.executable).with_name("vllm")
+    if exe.exists():
+        return str(exe)
+    venv = REPO / ".venv" / "bin" / "vllm"
+    return str(venv)
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log_tail(path: Path, lines: int = 60) -> str:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError as e:
+        return f"<no log: {e}>"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class ServerSpec:
+    name: str
+    flags: Sequence[str] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+class Server:
+    """One ``vllm serve`` process group."""
+
+    def __init__(self, spec: ServerSpec, model: str, log_dir: Path):
+        self.spec = spec
+        self.name = spec.name
+        self.model = model
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_dir) / f"{spec.name}.log"
+        self.proc: Optional[subprocess.Popen] = None
+        self.cmd = [vllm_executable(), "serve", model, "--port", str(self.port),
+                    "--host", "127.0.0.1", *COMMON_FLAGS, *spec.flags]
+
+    def start(self) -> "Server":
+        env = {k: v for k, v in os.environ.items() if k not in DROP_ENV}
+        env.update(COMMON_ENV)
+        env.update(self.spec.env)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        log.write(("$ " + " ".join(self.cmd) + "\n").encode())
+        log.flush()
+        try:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env, cwd=str(REPO),
+                                         start_new_session=True)
+        finally:
+            log.close()
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def healthy(self) -> bool:
+        try:
+            return requests.get(self.url + "/health", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def failure(self, why: str) -> ServerStartError:
+        return ServerStartError(f"vllm server {self.name} ({' '.join(self.cmd)}) {why}; "
+                                f"last lines of {self.log_path}:\n{log_tail(self.log_path)}")
+
+    def stop(self, grace: float = 20.0) -> None:
+        """Terminate the whole process group (SIGTERM, then SIGKILL)."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid  # start_new_session: the group id is the leader's pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        # The engine core / worker may outlive the API server: kill what is left.
+        deadline = time.time() + grace
+        while time.time() < deadline and _group_alive(pgid):
+            time.sleep(0.2)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def start_servers(specs: Sequence[ServerSpec], model: str, log_dir, timeout: float = 900.0,
+                  stagger: float = 0.0) -> dict:
+    """Start every spec at once and wait until all answer ``/health``.
+
+    On any failure every server started here is stopped and
+    :class:`ServerStartError` is raised with the failing server's log tail.
+    """
+    servers = {}
+    try:
+        for spec in specs:
+            servers[spec.name] = Server(spec, model, Path(log_dir)).start()
+            if stagger:
+                time.sleep(stagger)
+        deadline = time.time() + timeout
+        pending = dict(servers)
+        while pending:
+            for name, s in list(pending.items()):
+                if not s.alive():
+                    raise s.failure(f"exited with code {s.proc.returncode} before it was ready")
+                if s.healthy():
+                    del pending[name]
+            if pending and time.time() > deadline:
+                s = next(iter(pending.values()))
+                raise s.failure(f"was not healthy after {timeout:.0f} s")
+            if pending:
+                time.sleep(2.0)
+    except BaseException:
+        for s in servers.values():
+            s.stop()
+        raise
+    return servers
