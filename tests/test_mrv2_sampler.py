@@ -3,51 +3,62 @@ its seeded noise kernel (``triton_kernels/seeded_noise.py``).
 
 Tested here (CPU-only machine, vLLM 0.32 CPU wheel):
 
-* seeded Exp(1) noise: the Triton kernel (Triton interpreter) against its
+* Seeded Exp(1) noise: the Triton kernel (Triton interpreter) against its
   torch fallback; the hash against a textbook murmur3_32 (itself checked on
   published test vectors); Exp(1) mean, variance, KS distance, small-value
-  tail, neighbour correlations; each row a function of (seed, position) only
-  (alone, permuted, prefix of a deeper/wider tensor);
+  tail, neighbour correlations; each row a function of (seed, position)
+  only (alone, permuted, prefix of a deeper/wider tensor); argument checks.
+* ``mrv2.py`` alone: importing it imports no MRV2 module of vLLM; a vLLM
+  ``Sampler`` whose ``sample`` lacks the arguments read here is refused,
+  naming them.
 * ``EntropixSamplerV2`` built from vLLM's real MRV2 classes (``Sampler``,
-  ``SamplingStates``, ``RequestState``, ``InputBatch``, ``UvaBackedTensor``
-  tables), driven with ``add_request`` / ``apply_staged_writes`` /
-  ``sample`` / ``__call__`` on CPU tensors, with vLLM's own MRV2 Triton
-  kernels (Gumbel sampling, temperature, min_p, logit bias / allowed tokens,
-  staged writes, ``num_sampled``) running in the Triton interpreter:
-  Entropix rows equal ``entropix_step`` on the same logits and noise (the
-  request's own temperature/top_k/top_p/min_p do not leak in; per-request
-  coefficient overrides do); stock rows (opted out) equal vLLM's stock
-  ``Sampler`` for the same requests and seeds, and an all-stock batch is
-  vLLM's sampling; allowed-token ids and logit bias reach Entropix (argmax of
-  the masked logits); the CoT token is suppressed only after a *generated*
-  CoT token (position past the prompt) and per-request CoT ids apply; a
-  seeded row's tokens do not depend on the rest of the batch; logprobs
-  (raw and processed modes) belong to the returned tokens; attention figures
-  left by the capture reach the step for the same rows; the runner patch is
-  idempotent, ``load_model`` of this vLLM builds its sampler through the
-  module-level ``Sampler`` name, the name is restored after the build (also
-  on error), and a runner whose sampler is not ours is refused.
-
-  These run in a child process: vLLM's CPU wheel disables Triton, so the child
-  points ``vllm.triton_utils`` at the real (interpreted) Triton before any
-  MRV2 module is imported, uses vLLM's non-UVA buffers (``buffer_utils``;
-  UVA needs pinned CUDA memory) and vLLM's PyTorch top-k/top-p (its Triton
-  top-k/top-p kernel does not run in the interpreter). Doing that in the
-  pytest process would change vLLM for the other test modules.
+  ``SamplingStates``, ``RequestState``, ``InputBatch``, ``InputBuffers``,
+  ``UvaBackedTensor`` tables) and driven through ``add_request`` /
+  ``apply_staged_writes`` / ``sample`` / ``__call__`` on CPU tensors, with
+  vLLM's own MRV2 Triton kernels (Gumbel sampling, temperature, min_p, logit
+  bias / allowed tokens, penalties, staged writes, ``num_sampled``) running
+  in the Triton interpreter:
+  - Entropix rows equal ``entropix_step`` on the same logits and
+    (seed, position) noise, on the all-Entropix fast path and in mixed
+    batches; the request's own temperature/top_k/top_p/min_p do not leak in
+    (vLLM's ``SamplingStates`` hold a temperature-1 copy, the processors the
+    request's own params); per-request coefficient overrides apply;
+  - stock rows (``entropix: false``) equal vLLM's stock ``Sampler`` for the
+    same requests and seeds (tokens and processed logits); an all-stock
+    batch is vLLM's sampling untouched;
+  - allowed-token ids, logit bias and repetition penalties reach Entropix
+    (argmax rows give the argmax of the masked/penalised logits);
+  - the CoT token is suppressed only after a *generated* CoT token (position
+    past the prompt); per-request CoT ids apply;
+  - a seeded row's tokens do not depend on the rest of the batch;
+  - logprobs (raw and processed modes) belong to the returned tokens;
+  - attention figures left by the capture reach the step for the same rows;
+  - runner patch: idempotent; this vLLM's ``load_model`` builds the sampler
+    through the module-level ``Sampler`` name; the name is restored after
+    the build (also on error); a runner whose sampler is not ours
+    (watermarking, custom samplers) is refused.
+  These run in a child process. vLLM's CPU wheel disables Triton, so the
+  child points ``vllm.triton_utils`` at the real (interpreted) Triton before
+  any MRV2 module is imported, uses vLLM's non-UVA buffers (UVA needs pinned
+  CUDA memory) and vLLM's PyTorch top-k/top-p (its Triton top-k/top-p kernel
+  fails in the interpreter). Doing that in the pytest process would change
+  vLLM for the other test modules. With CUDA the child uses none of these
+  stand-ins and runs the same checks on the GPU.
 
 Awaiting a GPU build of vLLM (not exercised here):
 
 * vLLM's MRV2 kernels compiled for CUDA, UVA (pinned, round-robin) tables,
   the Triton top-k/top-p kernel, FlashInfer / fused samplers for stock rows;
-* the noise kernel compiled for CUDA (bitwise agreement with the interpreter
-  is not expected; a few ulp are);
-* ``GPUModelRunner.__init__`` / ``load_model`` actually running with the
-  patch (``__init__`` needs ``torch.cuda.Stream``), i.e. an engine
-  end to end on MRV2 (``VLLM_USE_V2_MODEL_RUNNER=1 vllm serve ... --sampler
-  entropix``): async scheduling, CUDA graphs (piecewise), chunked prefill and
-  preemption through the real runner, the trace from the real runner;
-* tensor parallelism on MRV2 (same tokens on every rank);
-* vLLM 0.33 (only guarded by argument-name matching here).
+* the noise kernel compiled for CUDA (a few ulp from the interpreter and the
+  torch fallback, not bitwise);
+* ``GPUModelRunner.__init__`` / ``load_model`` running with the patch
+  (``__init__`` needs ``torch.cuda.Stream``), i.e. an engine end to end on
+  MRV2 (``VLLM_USE_V2_MODEL_RUNNER=1 vllm serve MODEL --sampler entropix``):
+  async scheduling, piecewise CUDA graphs, chunked prefill, preemption,
+  prompt logprobs, the attention capture's real figures and the trace
+  through the real runner;
+* tensor parallelism on MRV2 (the same tokens on every rank);
+* vLLM 0.33 (guarded only by matching argument names here).
 """
 
 from __future__ import annotations
@@ -227,6 +238,28 @@ def test_noise_rejects_bad_arguments():
     with pytest.raises(ValueError):
         sn.exponential_noise(s, s, 1, 4, backend="cuda")
     assert sn.exponential_noise(s[:0], s[:0], 5, 128).shape == (0, 5, 128)
+
+
+# ============================================================================
+# mrv2.py without vLLM's MRV2 classes
+# ============================================================================
+def test_importing_mrv2_imports_no_mrv2_module_of_vllm():
+    code = ("import sys, entropix_vllm.integration.mrv2 as m\n"
+            "print(sorted(x for x in sys.modules if x.startswith('vllm.v1.worker.gpu')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_sampler_class_refuses_an_unknown_sampler_signature():
+    from entropix_vllm.integration import mrv2
+
+    class OtherSampler:  # a Sampler whose sample() lacks pos / input_ids
+        def sample(self, logits, idx_mapping, idx_mapping_np):
+            raise AssertionError("not called")
+
+    with pytest.raises(RuntimeError, match="'pos'.*'input_ids'.*apply_sampling_params"):
+        mrv2._make_sampler_class(OtherSampler)
 
 
 # ============================================================================
@@ -417,6 +450,11 @@ class TestMRV2Sampler:
                SamplingParams(seed=15)]
         rids = [f"e{i}" for i in range(5)]
         h.add([(r, PROMPT, sp) for r, sp in zip(rids, sps)])
+        # vLLM's SamplingStates hold the neutral copy; the processors the request's params.
+        ss, i1 = h.sampler.sampling_states, h.rs.req_id_to_index["e1"]
+        assert (ss.temperature.np[i1], ss.top_k.np[i1], ss.top_p.np[i1], ss.min_p.np[i1]) == (
+            1.0, V, 1.0, 0.0)
+        assert ss.seeds.np[i1] == 12 and "add_request" not in vars(ss)
         kinds = ["peaked", "random", "random", "bimodal", "uniform"]
         for step_no in range(3):
             logits = _logits(kinds, seed=step_no)
@@ -473,20 +511,23 @@ class TestMRV2Sampler:
 
     def test_allowed_tokens_and_logit_bias_reach_entropix(self):
         h = Harness()
+        rids = ["allowed", "bias", "penalty", "plain"]
         h.add([("allowed", PROMPT, SamplingParams(seed=1, allowed_token_ids=[3, 50, 77])),
                ("bias", PROMPT, SamplingParams(seed=2, logit_bias={10: -100.0})),
-               ("plain", PROMPT, SamplingParams(seed=3))])
-        logits = torch.randn(3, V, generator=torch.Generator().manual_seed(5)) * 0.1
+               ("penalty", [1, 2, 10, 4, 5], SamplingParams(seed=3, repetition_penalty=20.0)),
+               ("plain", PROMPT, SamplingParams(seed=4))])
+        logits = torch.randn(4, V, generator=torch.Generator().manual_seed(5)) * 0.1
         logits[:, 10] = 30.0           # the raw argmax of every row
         logits[0, 50] = 25.0           # the best allowed token of row 0
         logits[1, 60] = 24.0           # the runner-up of row 1
+        logits[2, 60] = 20.0           # row 2: 10 is a prompt token, 30 / 20 < 20
         logits = logits.to(DEV)
-        tokens, processed = h.sample(["allowed", "bias", "plain"], logits, [5] * 3, [9] * 3,
-                                     return_logprobs=True)
-        assert tokens.tolist() == [50, 60, 10]
+        tokens, processed = h.sample(rids, logits, [5] * 4, [9] * 4, return_logprobs=True)
+        assert tokens.tolist() == [50, 60, 60, 10]
         assert torch.equal(tokens, processed.argmax(dim=-1))
         assert torch.isinf(processed[0, 10]) and processed[0, 10] < 0
-        exp = h.expected(["allowed", "bias", "plain"], processed, [5] * 3, [9] * 3)
+        assert float(processed[2, 10]) == pytest.approx(1.5)
+        exp = h.expected(rids, processed, [5] * 4, [9] * 4)
         assert torch.equal(tokens, exp.tokens)
         assert (exp.params.branch == ARGMAX).all()
 

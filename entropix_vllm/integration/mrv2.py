@@ -9,12 +9,13 @@ the ``vllm`` package):
 
   - ``add_request(req_idx, sampling_params)``: the request's Entropix
     settings (``extra_args``) go into per-``req_idx`` tables; for an Entropix
-    request vLLM's own states receive a copy of the params with temperature
-    1, top_k 0 (= vocab), top_p 1 and min_p 0, so vLLM's pipeline leaves its
-    logits at temperature 1 (Entropix chooses its own temperature and
-    filters); every other field (penalties, bias, bad words, allowed tokens,
-    seed, logprobs, thinking budget, trace replay, custom processors) is the
-    request's own;
+    request vLLM's ``SamplingStates.add_request`` receives a copy of the
+    params with temperature 1, top_k 0 (= vocab), top_p 1 and min_p 0 (seed
+    and logprobs kept), so vLLM's pipeline leaves its logits at temperature 1
+    (Entropix chooses its own temperature and filters); the logits
+    processors (bias, allowed tokens, min tokens, penalties, bad words,
+    custom ones), thinking budget, logprob token ids and trace replay get the
+    request's own params;
   - ``apply_staged_writes()``: flushes those tables to the device;
   - ``apply_sampling_params(...)``: unchanged, but while an Entropix batch
     is sampled its output (the logits after logit bias, penalties, bad words,
@@ -122,6 +123,27 @@ def neutral_sampling_params(sampling_params):
     return p
 
 
+@contextlib.contextmanager
+def _neutral_sampling_states(sampling_states, sampling_params):
+    """While the block runs, ``sampling_states.add_request`` gets the neutral copy.
+
+    Only vLLM's ``SamplingStates`` (temperature, top_k, top_p, min_p, seed,
+    logprobs) sees it; the logits processors, thinking budget, logprob token
+    ids and trace replay get the request's own params.
+    """
+    orig = sampling_states.add_request
+    neutral = neutral_sampling_params(sampling_params)
+
+    def add_request(req_idx, _params, *args, **kwargs):
+        return orig(req_idx, neutral, *args, **kwargs)
+
+    sampling_states.add_request = add_request
+    try:
+        yield
+    finally:
+        del sampling_states.add_request  # the class's method again
+
+
 def _row_settings(runtime, sampling_params):
     """The request's :class:`~entropix_vllm.integration.runtime.RowConfig`.
 
@@ -157,13 +179,15 @@ def _required(fn) -> set:
 
 def _make_sampler_class(Base):
     sample_names = _param_names(Base.sample)
-    missing = [n for n in _REQUIRED_SAMPLE_ARGS if n not in sample_names]
-    if missing or not hasattr(Base, "apply_sampling_params"):
+    missing = [f"Sampler.sample argument {n!r}" for n in _REQUIRED_SAMPLE_ARGS
+               if n not in sample_names]
+    if not hasattr(Base, "apply_sampling_params"):
+        missing.append("(method) Sampler.apply_sampling_params")
+    if missing:
         raise RuntimeError(
-            "entropix-vllm: this vLLM's MRV2 Sampler.sample has no argument(s) "
-            f"{missing or ['(apply_sampling_params missing)']} (read from vLLM 0.32); the "
-            "Entropix MRV2 sampler does not support this vLLM version. Run the V1 model "
-            "runner (VLLM_USE_V2_MODEL_RUNNER=0) or a supported vLLM.")
+            "entropix-vllm: this vLLM's MRV2 Sampler lacks what the Entropix MRV2 sampler "
+            f"reads (from vLLM 0.32): {', '.join(missing)}. Run the V1 model runner "
+            "(VLLM_USE_V2_MODEL_RUNNER=0) or a supported vLLM.")
     asp_names = _param_names(Base.apply_sampling_params)
     asp_required = _required(Base.apply_sampling_params)
     fast_path_ok = asp_required <= set(sample_names)
@@ -171,7 +195,7 @@ def _make_sampler_class(Base):
 
     from vllm.v1.worker.gpu.buffer_utils import UvaBackedTensor
 
-    from entropix_vllm.triton_kernels import seeded_noise
+    from ..triton_kernels import seeded_noise
 
     from . import attention
 
@@ -201,9 +225,11 @@ def _make_sampler_class(Base):
             if self.runtime is not None:
                 row = _row_settings(self.runtime, sampling_params)
             enabled = row is not None and row.enabled
-            super().add_request(req_idx,
-                                neutral_sampling_params(sampling_params) if enabled
-                                else sampling_params)
+            if enabled:
+                with _neutral_sampling_states(self.sampling_states, sampling_params):
+                    super().add_request(req_idx, sampling_params)
+            else:
+                super().add_request(req_idx, sampling_params)
             self._enabled_np[req_idx] = enabled
             self._enabled.np[req_idx] = int(enabled)
             if enabled:
