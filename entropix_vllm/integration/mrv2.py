@@ -50,8 +50,8 @@ One step (``sample``), for a batch with at least one Entropix row:
    ``apply_sampling_params`` call, before top-k/top-p touch it;
 2. per-row settings: device tables indexed by ``idx_mapping`` (no Python loop
    over rows, no host sync: host decisions use ``idx_mapping_np`` only);
-3. noise: :func:`entropix_vllm.triton_kernels.seeded_noise.exponential_noise` keyed by
-   (``SamplingStates.seeds[req_idx]``, position), so a seeded request gives
+3. noise: :func:`entropix_vllm.triton_kernels.seeded_noise.exponential_noise`
+   keyed by (``SamplingStates.seeds[req_idx]``, position), so a seeded request gives
    the same tokens whatever else is in the batch, and every TP rank (same
    logits, same seeds, same attention figures) the same tokens;
 4. ``prev_is_cot``: the input token at the row's logits position equals the
@@ -59,8 +59,10 @@ One step (``sample``), for a batch with at least one Entropix row:
    (``pos >= prompt_len``; after preemption the re-prefilled output tokens
    count as generated);
 5. attention figures: :func:`attention.attention_stats_for_sampler`;
-6. :func:`entropix_vllm.step.entropix_step`; tokens of stock rows come from
-   vLLM's ``sample`` (``torch.where`` on a device mask);
+6. :func:`entropix_vllm.step.entropix_step` on every row (one pass over the
+   logits; the results of stock rows are dropped, which avoids a per-step
+   host-to-device row index); tokens of stock rows come from vLLM's
+   ``sample`` (``torch.where`` on a device mask);
 7. the trace (rank 0, when configured) for Entropix rows that produce a token.
 
 Version notes: 0.33 adds an argument to ``SamplingStates.get_top_k_top_p``;
@@ -70,7 +72,11 @@ signature, and a missing name raises at start-up, naming it. Not supported:
 speculative decoding (refused by the plugin), watermarking and
 model-specific custom samplers (start-up error), batch-sharded sampling
 (switched off by ``attention.install``), ``return_sampling_mask`` (reports
-temperature-1 support for Entropix rows).
+temperature-1 support for Entropix rows). A freed request slot keeps its
+Entropix flag until reused, so a later dummy run (data-parallel idle steps)
+may take the Entropix path on dummy rows; its tokens are discarded. The
+same seed gives different tokens on MRV1 (torch generators) and MRV2
+(hashed noise).
 
 Tests: ``tests/test_mrv2_sampler.py`` builds this sampler from vLLM 0.32's
 real MRV2 classes on CPU (vLLM's MRV2 Triton kernels under the Triton
