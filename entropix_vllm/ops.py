@@ -16,7 +16,6 @@ each backend with the float64 reference.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -161,6 +160,25 @@ def reference_sample_candidates(cand_vals, cand_ids, temperature, top_k, top_p, 
         best_c = torch.where(better, c, best_c)
         best_v = torch.where(better, v, best_v)
     return torch.gather(cand_ids, 1, best_c[:, None])[:, 0].long()
+
+
+def seeded_exponential_noise(seeds: torch.Tensor, positions: torch.Tensor, num_draws: int,
+                             num_candidates: int = K_MAX, backend: str = "auto") -> torch.Tensor:
+    """Exp(1) noise ``[B, num_draws, num_candidates]`` float32, keyed by (seed, position).
+
+    ``noise[b, j, c]`` depends only on ``seeds[b]`` (int64), ``positions[b]``
+    (int) and ``(j, c)``: a row's noise is the same whatever else is in the
+    batch (a murmur3 hash, see ``triton_kernels/seeded_noise.py``). ``backend``:
+    ``"triton"`` (CUDA), ``"torch"`` or ``"auto"`` (Triton on CUDA tensors).
+    """
+    from .triton_kernels import seeded_noise
+
+    if backend == "cpp":
+        raise ValueError("backend: seeded noise has no C++ implementation; use 'torch' on CPU")
+    be = backend
+    if be == "auto":
+        be = "triton" if seeds.is_cuda and triton_available() else "torch"
+    return seeded_noise.exponential_noise(seeds, positions, num_draws, num_candidates, backend=be)
 
 
 def paged_attention_stats(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,

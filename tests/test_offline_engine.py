@@ -46,20 +46,20 @@ def test_seeded_chunked_prefill_completes_and_is_reproducible(llm):
     from vllm import SamplingParams
 
     tok = llm.get_tokenizer()
-    assert len(tok.encode(QUESTION)) > 3 * 512      # several prefill chunks
-    sp = SamplingParams(max_tokens=24, seed=3)
+    assert len(tok.encode(QUESTION)) > 2 * 512      # three prefill chunks
+    sp = SamplingParams(max_tokens=24, seed=3, ignore_eos=True)
     first = _ids(llm.generate([QUESTION], sp))       # chunked prefill
     again = _ids(llm.generate([QUESTION], sp))       # prefix-cache hit: other chunking
     assert first == again and len(first[0]) == 24
     others = ["Name a colour.", "Count to five.", QUESTION.replace("stones", "pebbles")]
-    mixed = _ids(llm.generate([QUESTION] + others, [sp] + [SamplingParams(max_tokens=24, seed=9)] * 3))
+    mixed = _ids(llm.generate([QUESTION] + others, [sp] + [SamplingParams(max_tokens=24, seed=9, ignore_eos=True)] * 3))
     assert mixed[0] == first[0]
 
 
 def test_seeded_stock_rows_in_an_entropix_engine_survive_chunking(llm):
     from vllm import SamplingParams
 
-    sp = SamplingParams(max_tokens=16, seed=5, temperature=0.8,
+    sp = SamplingParams(max_tokens=16, seed=5, temperature=0.8, ignore_eos=True,
                         extra_args={"entropix": False})
     a = _ids(llm.generate([QUESTION.replace("box", "crate")], sp))
     b = _ids(llm.generate([QUESTION.replace("box", "crate")], sp))

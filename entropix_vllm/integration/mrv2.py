@@ -50,7 +50,7 @@ One step (``sample``), for a batch with at least one Entropix row:
    ``apply_sampling_params`` call, before top-k/top-p touch it;
 2. per-row settings: device tables indexed by ``idx_mapping`` (no Python loop
    over rows, no host sync: host decisions use ``idx_mapping_np`` only);
-3. noise: :func:`entropix_vllm.triton_kernels.seeded_noise.exponential_noise`
+3. noise: :func:`entropix_vllm.ops.seeded_exponential_noise`
    keyed by (``SamplingStates.seeds[req_idx]``, position), so a seeded request gives
    the same tokens whatever else is in the batch, and every TP rank (same
    logits, same seeds, same attention figures) the same tokens;
@@ -157,8 +157,7 @@ def _row_settings(runtime, sampling_params):
     request id with new params, e.g. streaming input), so the runtime's
     per-request-id cache is not used.
     """
-    parse = getattr(runtime, "parse_row", None) or runtime._parse_row
-    return parse(sampling_params)
+    return runtime.parse_row(sampling_params)
 
 
 @dataclass
@@ -201,7 +200,7 @@ def _make_sampler_class(Base):
 
     from vllm.v1.worker.gpu.buffer_utils import UvaBackedTensor
 
-    from ..triton_kernels import seeded_noise
+    from .. import ops
 
     from . import attention
 
@@ -315,8 +314,8 @@ def _make_sampler_class(Base):
             cot = self._cot.gpu[rows]
             pos = a["pos"].long()
             n_draws = int(self._n_draws_np[a["idx_mapping_np"]][p.enabled_np].max())
-            noise = seeded_noise.exponential_noise(self.sampling_states.seeds.gpu[rows], pos,
-                                                   n_draws, K_MAX)
+            noise = ops.seeded_exponential_noise(self.sampling_states.seeds.gpu[rows], pos,
+                                                 n_draws, K_MAX)
             prompt_len = self.req_states.prompt_len.gpu[rows].long()
             prev_is_cot = (pos >= prompt_len) & (a["input_ids"].long() == cot)
             attn = attention.attention_stats_for_sampler(B, logits.device)

@@ -283,4 +283,5 @@ def _patch_mrv2() -> None:
     except ImportError as e:  # MRV2 sampler not available in this build
         logger.debug("Entropix: MRV2 sampler not installed: %s", e)
         return
-    patch_model_runner_v2()
+    if not patch_model_runner_v2():
+        logger.debug("Entropix: vLLM's MRV2 runner is not importable here; MRV2 not patched")

@@ -162,11 +162,12 @@ class EntropixRuntime:
         """The request's settings, parsed on first sight and cached."""
         row = self._rows.get(req_id)
         if row is None:
-            row = self._parse_row(sampling_params)
+            row = self.parse_row(sampling_params)
             self._rows[req_id] = row
         return row
 
-    def _parse_row(self, sampling_params) -> RowConfig:
+    def parse_row(self, sampling_params) -> RowConfig:
+        """A request's settings from its ``SamplingParams`` (not cached)."""
         extra = getattr(sampling_params, "extra_args", None) or {}
         req, cfg = parse_request_args(extra, self.engine.sampler)
         enabled = self.options.default_on if req.enabled is None else req.enabled
