@@ -47,7 +47,7 @@ from vllm.v1.sample.sampler import Sampler
 from .. import step as entropix_step_mod
 from ..config import K_MAX
 from . import attention
-from .runtime import EntropixRuntime, exponential_noise
+from .runtime import EntropixRuntime, exponential_noise, to_device
 
 TRACE_FIELDS = ("entropy", "varentropy", "attn_entropy", "attn_varentropy", "agreement",
                 "interaction_strength")
@@ -121,7 +121,7 @@ class EntropixSamplerV1(Sampler):
         last_input = runner.input_ids.gpu[qsl - 1].long()
         seq_lens = runner.optimistic_seq_lens_cpu[:num_rows].numpy()
         generated = seq_lens > runner.input_batch.num_prompt_tokens[:num_rows]
-        generated = torch.from_numpy(generated).to(cot_token.device, non_blocking=True)
+        generated = to_device(torch.from_numpy(generated), cot_token.device)
         return generated & (last_input.to(cot_token.device) == cot_token)
 
     def _processed_logprobs(self, logits, sampling_metadata, override):

@@ -82,6 +82,17 @@ def resolve_cot_token(value, tokenizer, vocab_size: int, key: str) -> int:
     return -1
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on ``device`` without a host sync (pinned staging on CUDA).
+
+    A copy from pageable memory would wait for the stream to drain first.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @dataclass
 class RowConfig:
     """One request's effective Entropix settings."""
@@ -194,15 +205,15 @@ class EntropixRuntime:
         rows = [self.row_config(r, params_of(r)) for r in key]
         enabled = np.array([r.enabled for r in rows], dtype=bool)
         table = torch.tensor([r.coeffs for r in rows], dtype=torch.float64).reshape(len(rows), -1)
-        table = table.to(device, non_blocking=True)
+        table = to_device(table, device)
         n_draws = [r.n_draws for r in rows]
         b = BatchConfig(
             req_ids=key, enabled=enabled, any_enabled=bool(enabled.any()),
             all_enabled=bool(enabled.all()) if len(rows) else False,
-            enabled_dev=torch.from_numpy(enabled).to(device, non_blocking=True),
+            enabled_dev=to_device(torch.from_numpy(enabled), device),
             coeffs=coefficient_columns(table),
-            cot_token=torch.tensor([r.cot_token for r in rows], dtype=torch.int64).to(
-                device, non_blocking=True),
+            cot_token=to_device(torch.tensor([r.cot_token for r in rows], dtype=torch.int64),
+                                device),
             n_draws=n_draws, max_draws=max(n_draws, default=1))
         self._batch = b
         if len(self._rows) > 4 * max(64, len(rows)):
