@@ -13,9 +13,11 @@ cd "$ROOT" || exit 1
 bash scripts/setup.sh || { echo "[test] ERROR: scripts/setup.sh failed" >&2; exit 1; }
 
 export HF_HUB_OFFLINE=1
-echo "[test] .venv/bin/python -m pytest tests -q $*"
+echo "[test] .venv/bin/python -P -m pytest tests -q $*"
 T0=$(date +%s)
-"$ROOT/.venv/bin/python" -m pytest tests -q "$@"
+# -P: the repository root stays off sys.path, as in a real deployment (its
+# triton_kernels/ directory must not shadow the OpenAI package vLLM imports).
+"$ROOT/.venv/bin/python" -P -m pytest tests -q "$@"
 rc=$?
 echo "[test] pytest exit code $rc after $(( $(date +%s) - T0 )) s"
 if [ "$rc" -eq 5 ]; then
