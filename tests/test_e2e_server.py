@@ -37,7 +37,8 @@ from entropix_vllm import bundled  # noqa: E402
 from entropix_vllm.config import EntropixConfig, parse_request_args  # noqa: E402
 from entropix_vllm.trace import read_trace, recompute_branches  # noqa: E402
 
-from e2e_server import ServerSpec, ServerStartError, log_tail, start_servers, vllm_executable  # noqa: E402
+from e2e_server import (ServerSpec, ServerStartError, log_tail, start_servers, stop_all,  # noqa: E402
+                        vllm_executable)
 
 COT_TOKEN = 4563          # " ..." on the bundled model (the tokenizer's default CoT token)
 EOS_TOKEN = 2             # <|im_end|>
@@ -103,8 +104,7 @@ def servers(model_path, tmp_path_factory):
     try:
         yield {name: Client(s.url, model_path, name, s) for name, s in started.items()}
     finally:
-        for s in started.values():
-            s.stop()
+        stop_all(started.values())
         print(f"vLLM server logs: {log_dir}")
 
 
@@ -239,13 +239,21 @@ def logprob_rows(out, i=0):
 # The trace
 # ----------------------------------------------------------------------------
 _RID = re.compile(r"^(?:(\d+)_)?(.+)-[0-9A-Za-z]{8}$")
+_CMPL = re.compile(r"^(cmpl-[^-]+)-(\d+)$")
 
 
 def split_trace_id(rid):
-    """(response id, choice index) of a traced vLLM request id."""
+    """(response id, choice index) of a traced vLLM request id: vLLM appends
+    ``-`` and 8 random characters to the request id, prefixes ``<i>_`` for the
+    i-th of ``n > 1`` choices, and the completions endpoint suffixes ``-<k>`` for
+    its k-th prompt (always one prompt here)."""
     m = _RID.match(rid)
     assert m, f"unexpected trace request id {rid!r}"
-    return m.group(2), int(m.group(1) or 0)
+    core = m.group(2)
+    c = _CMPL.match(core)
+    if c:
+        core = c.group(1)
+    return core, int(m.group(1) or 0)
 
 
 def trace_for(expected, timeout=90.0):
@@ -402,17 +410,35 @@ def test_entropix_logprobs(E):
         for tid, lp, top in rows:
             assert math.isfinite(lp) and lp <= 0.0, (tid, lp)
             assert len(top) == 5
-            tops = [v for _, v in top]
-            assert all(math.isfinite(v) for v in tops)
-            assert tops == sorted(tops, reverse=True)
-            assert lp <= tops[0] + 1e-6
+            assert all(math.isfinite(v) and v <= 0.0 for _, v in top)
+            listed_ids = [t for t, _ in top]
+            assert len(set(listed_ids)) == 5, top
+            # vLLM lists the sampled token first, then the most likely other tokens
+            assert top[0][0] == tid, (tid, top)
             for t, v in top:
                 if t == tid:
                     listed += 1
-                    assert lp == pytest.approx(v, abs=1e-6), (tid, lp, top)
-            if lp > tops[-1] + 1e-5:   # more likely than the 5th: must be listed
-                assert tid in [t for t, _ in top], (tid, lp, top)
+                    assert lp == v, (tid, lp, top)
+            rest = [v for _, v in top[1:]]
+            assert rest == sorted(rest, reverse=True), top
+            assert sum(math.exp(v) for _, v in top) <= 1.0 + 1e-4, top
     assert listed > 0
+
+    # The same logprobs, recomputed as prompt logprobs of prompt + generated tokens
+    # (a prefill of the same sequence): the returned values are the model's raw
+    # log-softmax at each position, for the token that was actually emitted.
+    for out in outs[-2:]:
+        prompt_ids = out.get("prompt_token_ids")
+        assert prompt_ids, "return_token_ids gave no prompt_token_ids"
+        gen = tokens_of(out)
+        again = E.completion(prompt=list(prompt_ids) + gen, max_tokens=1, temperature=0.0,
+                             prompt_logprobs=1, vllm_xargs=STOCK)
+        plp = again["choices"][0]["prompt_logprobs"][len(prompt_ids):]
+        assert len(plp) == len(gen)
+        for (tid, lp, top), entry in zip(logprob_rows(out), plp):
+            assert entry[str(tid)]["logprob"] == pytest.approx(lp, abs=2e-3), (tid, lp, entry)
+            best = max(v["logprob"] for v in entry.values())
+            assert best == pytest.approx(max(v for _, v in top), abs=2e-3), (entry, top)
 
 
 def test_entropix_prompt_logprobs_completions(E):
@@ -508,7 +534,18 @@ def test_bad_xargs_completions_and_stream(E):
     body = {"messages": [{"role": "user", "content": "Hi"}], "stream": True, "max_tokens": 4,
             "vllm_xargs": {"entropix_temperature": -1}}
     r = E.post("/v1/chat/completions", body, expect_ok=False)
-    assert r.status_code == 400 and "vllm_xargs.entropix_temperature" in r.text, r.text[:500]
+    if r.status_code == 200:
+        # vLLM validates a streamed request's parameters once the stream has begun
+        # (exactly so for its own, e.g. an out-of-vocabulary allowed_token_ids):
+        # the stream then carries one error event (code 400) and no tokens.
+        events = [json.loads(line[len("data: "):]) for line in r.text.splitlines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+        errors = [e["error"] for e in events if "error" in e]
+        assert len(errors) == 1 and errors[0]["code"] == 400, r.text[:500]
+        assert "vllm_xargs.entropix_temperature" in errors[0]["message"], r.text[:500]
+        assert not [e for e in events if e.get("choices")], r.text[:500]
+    else:
+        assert r.status_code == 400 and "vllm_xargs.entropix_temperature" in r.text, r.text[:500]
     # a valid text CoT token is accepted
     out = E.chat(prompt="Hi", max_tokens=4, seed=1, vllm_xargs={"entropix_cot_token": " ..."})
     assert tokens_of(out)
@@ -593,7 +630,10 @@ def test_every_branch_and_tokens_agree(E):
             assert rec["branch"] == branch, (b["vllm_xargs"], rec)
             assert rec["token_id"] == tid
             seen.add(rec["branch"])
-            top1 = top[0][1]
+            # vLLM lists the sampled token first, then the most likely others:
+            # the true top-1 is always listed.
+            assert top[0][0] == tid and top[0][1] == lp, (tid, lp, top[:2])
+            top1 = max(v for _, v in top)
             sampled = True
             if branch == "argmax":
                 assert lp == pytest.approx(top1, abs=1e-6), (rec, top[:3])
@@ -611,9 +651,9 @@ def test_every_branch_and_tokens_agree(E):
                 if min_p > 0:
                     assert lp - top1 >= T * math.log(min_p) - 1e-4, (rec, lp, top1)
                     min_p_checks += 1
-                if top_k <= len(top):
-                    listed = [t for t, _ in top]
-                    assert tid in listed, (rec, top)
+                if top_k < len(top):
+                    # the other listed tokens are the top len(top)-1 others, so a
+                    # token of rank >= top_k has at least top_k listed above it
                     rank = sum(1 for _, v in top if v > lp + 1e-6)
                     assert rank < top_k, (rec, rank, top)
                     rank_checks += 1
@@ -665,16 +705,17 @@ def test_entropix_streaming_equals_non_streamed(E):
         assert finish == [out["choices"][0]["finish_reason"]]
 
 
-PENALTIES = [dict(frequency_penalty=1.5), dict(presence_penalty=1.5),
+# Each of these changes the bundled model's greedy answer to PENALTY_PROMPT.
+PENALTIES = [dict(frequency_penalty=1.5), dict(presence_penalty=2.0),
              dict(repetition_penalty=1.8)]
-REPEAT_PROMPT = "Repeat the word banana ten times: banana banana banana"
+PENALTY_PROMPT = PROMPTS[1]
 
 
 @pytest.mark.parametrize("penalty", PENALTIES, ids=lambda p: next(iter(p)))
 def test_entropix_penalties_honoured(E, penalty):
     """Entropix forced to argmax with a penalty = vLLM's greedy with that penalty,
     and the penalty changes the output (so it reached the Entropix row)."""
-    base = dict(prompt=REPEAT_PROMPT, max_tokens=24, seed=1)
+    base = dict(prompt=PENALTY_PROMPT, max_tokens=24, seed=1)
     plain = E.chat(**base, vllm_xargs=FORCE["argmax"])
     ent = E.chat(**base, **penalty, vllm_xargs=FORCE["argmax"])
     stock = E.chat(**base, **penalty, temperature=0.0, vllm_xargs=STOCK)
