@@ -12,9 +12,10 @@ All three get the same flags and environment otherwise (``e2e_server.COMMON_FLAG
 
 The trace file has a fixed path (in the system temp dir): vLLM's compile cache is
 keyed on ``additional_config``, so a fixed path lets later runs reuse the compiled
-model. Records are matched to requests by their ids (the OpenAI response id plus
-``-`` and 8 random characters; ``<i>_`` in front for the i-th choice of ``n > 1``),
-so old lines in the file never matter.
+model. Only what this run appends is read (from the file's size at start-up), and
+records are matched to requests by their ids (the OpenAI response id plus ``-``
+and 8 random characters; ``<i>_`` in front for the i-th choice of ``n > 1``), so
+old lines, or another run's, never matter.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
 
 import pytest
 
@@ -90,6 +90,8 @@ def servers(model_path, tmp_path_factory):
         pytest.skip(f"no vllm executable at {vllm_executable()}")
     log_dir = tmp_path_factory.mktemp("vllm-logs")
     os.makedirs(os.path.dirname(TRACE_PATH), exist_ok=True)
+    _TRACE["offset"] = os.path.getsize(TRACE_PATH) if os.path.exists(TRACE_PATH) else 0
+    _TRACE["copy"] = str(log_dir / "trace-this-run.jsonl")
     specs = [
         ServerSpec("E", ["--sampler", "entropix",
                          f"--additional-config.entropix.trace_path={TRACE_PATH}"]),
@@ -256,6 +258,24 @@ def split_trace_id(rid):
     return core, int(m.group(1) or 0)
 
 
+_TRACE = {"offset": 0, "copy": None}
+
+
+def read_this_runs_trace():
+    """The records appended to TRACE_PATH since the servers started, read with the
+    project's own reader (``entropix_vllm.trace.read_trace``) from a copy of
+    those complete lines."""
+    if not os.path.exists(TRACE_PATH):
+        return []
+    with open(TRACE_PATH, "rb") as f:
+        f.seek(_TRACE["offset"])
+        data = f.read()
+    data = data[:data.rfind(b"\n") + 1]          # complete lines only
+    with open(_TRACE["copy"], "wb") as f:
+        f.write(data)
+    return read_trace(_TRACE["copy"])
+
+
 def trace_for(expected, timeout=90.0):
     """Trace records of the given requests: ``expected`` maps (response id,
     choice index) to the number of records to wait for (at least). Returns
@@ -263,11 +283,10 @@ def trace_for(expected, timeout=90.0):
     deadline = time.time() + timeout
     while True:
         got = {k: [] for k in expected}
-        if os.path.exists(TRACE_PATH):
-            for rec in read_trace(TRACE_PATH):
-                key = split_trace_id(rec["request_id"])
-                if key in got:
-                    got[key].append(rec)
+        for rec in read_this_runs_trace():
+            key = split_trace_id(rec["request_id"])
+            if key in got:
+                got[key].append(rec)
         short = {k: (len(got[k]), n) for k, n in expected.items() if len(got[k]) < n}
         if not short:
             return got
@@ -298,9 +317,7 @@ def check_trace_of_request(recs, xargs, token_ids, exact=True):
 
 
 def ids_in_trace_file():
-    if not os.path.exists(TRACE_PATH):
-        return set()
-    return {split_trace_id(r["request_id"])[0] for r in read_trace(TRACE_PATH)}
+    return {split_trace_id(r["request_id"])[0] for r in read_this_runs_trace()}
 
 
 # ----------------------------------------------------------------------------
@@ -311,12 +328,14 @@ def _stock_requests():
     for k, prompt in enumerate(PROMPTS[:2]):
         reqs.append(dict(prompt=prompt, temperature=0.0, seed=100 + k, max_tokens=24))
         reqs.append(dict(prompt=prompt, temperature=0.8, top_p=0.9, seed=200 + k, max_tokens=24))
+    reqs.append(dict(prompt=PROMPTS[6], temperature=1.0, top_k=20, min_p=0.05, seed=250,
+                     max_tokens=24))
     return reqs
 
 
 def test_mixed_batch_stock_rows_equal_stock_vllm(E, N):
     stock = _stock_requests()
-    ent = [dict(prompt=PROMPTS[2 + k], seed=300 + k, max_tokens=24) for k in range(4)]
+    ent = [dict(prompt=PROMPTS[2 + k], seed=300 + k, max_tokens=24) for k in range(3)]
     calls = [lambda b=b: E.chat(**b, vllm_xargs=STOCK) for b in stock]
     calls += [lambda b=b: E.chat(**b) for b in ent]
     outs = parallel(calls)                       # 8 requests, max-num-seqs 8: one batch
@@ -743,6 +762,48 @@ def test_entropix_logit_bias(E):
         assert banned not in tokens_of(o), (banned, tokens_of(o))
 
 
+def test_entropix_bad_words_and_min_tokens(E):
+    """vLLM's other logits processors reach Entropix rows: Entropix forced to
+    argmax equals vLLM's greedy under the same bad_words / min_tokens, and each
+    changes the answer."""
+    prompt = PROMPTS[0]
+    plain = tokens_of(E.chat(prompt=prompt, max_tokens=14, vllm_xargs=FORCE["argmax"]))
+    assert plain[-1] == EOS_TOKEN and len(plain) < 12, plain   # a short answer
+    for kw in (dict(bad_words=["Paris"]), dict(min_tokens=12)):
+        ent = E.chat(prompt=prompt, max_tokens=14, vllm_xargs=FORCE["argmax"], **kw)
+        stock = E.chat(prompt=prompt, max_tokens=14, temperature=0.0, vllm_xargs=STOCK, **kw)
+        assert tokens_of(ent) == tokens_of(stock), kw
+        assert tokens_of(ent) != plain, kw
+    banned = E.tokenize(" Paris")
+    outs = parallel([lambda s=s: E.chat(prompt=prompt, max_tokens=12, seed=s, bad_words=[" Paris"])
+                     for s in (1, 2, 3)])
+    for o in outs:
+        assert not set(banned) & set(tokens_of(o)), (banned, tokens_of(o))
+    outs = parallel([lambda s=s: E.chat(prompt=prompt, max_tokens=14, seed=s, min_tokens=12)
+                     for s in (4, 5)])
+    for o in outs:
+        ids = tokens_of(o)
+        assert len(ids) >= 12 and EOS_TOKEN not in ids[:12], ids
+
+
+def test_entropix_per_request_cot_token(E):
+    paris = E.tokenize(" Paris")
+    assert len(paris) == 1
+    cot = paris[0]
+    outs = parallel([lambda c=c: E.chat(prompt=PROMPTS[1], max_tokens=10, seed=3,
+                                        vllm_xargs={**FORCE["insert_cot"], "entropix_cot_token": c})
+                     for c in (" Paris", cot)])
+    for o in outs:
+        ids = tokens_of(o)
+        assert ids[0] == cot, ids
+        for prev, tok in zip(ids, ids[1:]):
+            if prev != cot:
+                assert tok == cot, ids
+        assert COT_TOKEN not in ids[::2], ids
+        recs = trace_for({(o["id"], 0): len(ids)})[(o["id"], 0)]
+        assert all(r["branch"] == "insert_cot" for r in recs)
+
+
 def test_entropix_allowed_token_ids(E):
     allowed = set()
     for word in ("Yes", " yes", "No", " no", " maybe", ".", "!", " Paris", " London"):
@@ -755,6 +816,9 @@ def test_entropix_allowed_token_ids(E):
     cases += [dict(seed=3, vllm_xargs=FORCE["insert_cot"]),
               dict(seed=4, vllm_xargs=FORCE["resample"]),
               dict(seed=5, vllm_xargs=FORCE["argmax"])]
+    # min_p 0: nothing filters the masked (-inf) tokens among the candidates but the mask
+    cases += [dict(seed=6 + k, vllm_xargs={**FORCE[b], "entropix_min_p": 0})
+              for k, b in enumerate(("explore", "resample", "insert_cot"))]
     outs = parallel([lambda c=c: E.chat(prompt=prompt, max_tokens=12, allowed_token_ids=allowed, **c)
                      for c in cases])
     for c, o in zip(cases, outs):
