@@ -397,7 +397,8 @@ def test_entropix_seeded_reproducible_alone_and_in_batch(E):
     probe = dict(prompt=PROMPTS[1], seed=1234, max_tokens=32)
     alone = E.chat(**probe)
     others = [dict(prompt=PROMPTS[k], seed=50 + k, max_tokens=40) for k in range(2, 7)]
-    others.append(dict(prompt=PROMPTS[7], max_tokens=40, vllm_xargs=FORCE["adaptive"]))
+    others.append(dict(prompt=PROMPTS[7], max_tokens=40, seed=60,   # a deeper noise tensor
+                       vllm_xargs={**FORCE["adaptive"], "entropix_n_adaptive_samples": 12}))
     others.append(dict(prompt=PROMPTS[0], temperature=0.8, max_tokens=40, vllm_xargs=STOCK))
     outs = parallel([lambda b=b: E.chat(**b) for b in others] + [lambda: E.chat(**probe)])
     in_batch = outs[-1]
@@ -410,6 +411,26 @@ def test_entropix_seeded_reproducible_alone_and_in_batch(E):
                         for s in (1, 2, 3, 4, 5)])
     distinct = {tuple(tokens_of(o)) for o in by_seed}
     assert len(distinct) > 1, "five different seeds gave the same Entropix tokens"
+
+
+def test_seeded_reproducible_with_long_prompts_in_one_batch(E):
+    """Three ~1300-token prompts at once exceed vLLM's per-step token budget on a
+    CPU server (max_num_batched_tokens 2048), so prefills are split across steps
+    (chunked prefill). Seeded Entropix rows and seeded stock rows still give the
+    tokens they give alone."""
+    def prompt(tag, word):
+        return (f"{tag}: summarise this list. " +
+                " ".join(f"Entry {i} describes a {word} number {i}." for i in range(105)))
+
+    for tag, xargs, extra in (("E2E-ent", {}, {}),
+                              ("E2E-stock", STOCK, dict(temperature=0.9))):
+        bodies = [dict(prompt=prompt(tag, w), seed=70 + k, max_tokens=10, vllm_xargs=xargs, **extra)
+                  for k, w in enumerate(("river", "mountain", "forest"))]
+        together = parallel([lambda b=b: E.chat(**b) for b in bodies])
+        assert sum(o["usage"]["prompt_tokens"] for o in together) > 2048
+        for b, o in zip(bodies, together):
+            alone = E.chat(**b)
+            assert tokens_of(o) == tokens_of(alone), (tag, b["seed"])
 
 
 # ----------------------------------------------------------------------------
