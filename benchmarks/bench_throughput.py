@@ -39,7 +39,8 @@ def _run(vllm: str, model: str, args, extra, sampler: str, env) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "result.json")
         cmd = [vllm, "bench", "throughput", "--model", model, "--dataset-name", "random",
-               "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+               "--random-input-len", str(args.input_len),
+               "--random-output-len", str(args.output_len),
                "--num-prompts", str(args.num_prompts), "--seed", "0", "--output-json", out,
                "--sampler", sampler, *extra]
         print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
