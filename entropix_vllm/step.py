@@ -113,3 +113,17 @@ def entropix_step(logits: torch.Tensor, attn: Optional[AttnStats],
                 & torch.isfinite(cot_logit) & ~prev_is_cot.to(logits.device))
     tokens = torch.where(emit_cot, cot, tokens)
     return StepResult(tokens=tokens, stats=stats, attn=attn, params=params)
+
+
+def trace_tensors(result: StepResult, tokens: Optional[torch.Tensor] = None) -> dict:
+    """The ``[B]`` tensors of one step that a trace record holds, by field name
+    (``entropix_vllm.trace.TENSOR_FIELDS``); ``tokens`` defaults to the step's."""
+    p = result.params
+    return {"token_id": result.tokens if tokens is None else tokens,
+            "entropy": result.stats.entropy, "varentropy": result.stats.varentropy,
+            "attn_entropy": result.attn.attn_entropy,
+            "attn_varentropy": result.attn.attn_varentropy,
+            "agreement": result.attn.agreement,
+            "interaction_strength": result.attn.interaction_strength,
+            "branch": p.branch, "temperature": p.temperature, "top_k": p.top_k,
+            "top_p": p.top_p, "min_p": p.min_p}

@@ -107,7 +107,6 @@ def test_every_branch_and_its_parameters():
         base.replace({"high_vent_thresh": big}),                                           # adaptive
     ]
     coeffs = _coeffs(configs)
-    attn = AttnStats.zeros(5)
     cot = torch.full((5,), 3)
     noise = torch.empty(5, 5, K_MAX).exponential_(generator=gen)
     got = step.entropix_step(logits, None, coeffs, cot, torch.zeros(5, dtype=torch.bool), noise)

@@ -49,10 +49,6 @@ from ..config import K_MAX
 from . import attention
 from .runtime import EntropixRuntime, exponential_noise, to_device
 
-TRACE_FIELDS = ("entropy", "varentropy", "attn_entropy", "attn_varentropy", "agreement",
-                "interaction_strength")
-
-
 class EntropixSamplerV1(Sampler):
     """MRV1 ``Sampler`` with Entropix for the rows that use it."""
 
@@ -72,17 +68,21 @@ class EntropixSamplerV1(Sampler):
         if runner is None or self.runtime is None or runner.input_batch.num_reqs != num_rows:
             # The profiling / warm-up dummy runs: no requests behind the rows.
             return super().sample(logits, sampling_metadata, logprobs_mode_override)
+        saved = self._save_discarded_generators(runner, sampling_metadata, num_rows, logits)
+        try:
+            return self._sample_rows(runner, logits, sampling_metadata, logprobs_mode_override)
+        finally:
+            for g, state in saved:
+                g.set_state(state)
+
+    def _sample_rows(self, runner, logits, sampling_metadata, logprobs_mode_override):
+        num_rows = logits.shape[0]
         batch = self.runtime.batch(runner.input_batch.req_ids[:num_rows],
                                    lambda rid: runner.requests[rid].sampling_params,
                                    logits.device)
         if not batch.any_enabled:
-            saved = self._save_discarded_generators(runner, sampling_metadata, num_rows, logits)
-            out = super().sample(logits, sampling_metadata, logprobs_mode_override)
-            for g, state in saved:
-                g.set_state(state)
-            return out
+            return super().sample(logits, sampling_metadata, logprobs_mode_override)
 
-        saved = self._save_discarded_generators(runner, sampling_metadata, num_rows, logits)
         noise = exponential_noise(batch, sampling_metadata.generators, K_MAX, logits.device)
         prev_is_cot = self._prev_is_cot(runner, num_rows, batch.cot_token)
         attn = attention.attention_stats_for_sampler(num_rows, logits.device)
@@ -100,8 +100,6 @@ class EntropixSamplerV1(Sampler):
             if processed is not None and stock_processed is not None:
                 processed = torch.where(batch.enabled_dev[:, None], processed, stock_processed)
 
-        for g, state in saved:
-            g.set_state(state)
         self._trace(runner, batch, result, num_rows)
         return tokens, processed
 
@@ -149,13 +147,7 @@ class EntropixSamplerV1(Sampler):
             return
         seq_lens = runner.optimistic_seq_lens_cpu[:num_rows].numpy()
         index = seq_lens - runner.input_batch.num_prompt_tokens[:num_rows]
-        p = result.params
-        tensors = {"token_id": result.tokens, "branch": p.branch, "temperature": p.temperature,
-                   "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p}
-        tensors["entropy"] = result.stats.entropy
-        tensors["varentropy"] = result.stats.varentropy
-        for name in TRACE_FIELDS[2:]:
-            tensors[name] = getattr(result.attn, name)
+        tensors = entropix_step_mod.trace_tensors(result)
         writer.submit([batch.req_ids[i] for i in rows], [int(index[i]) for i in rows], tensors,
                       rows=rows)
 

@@ -337,15 +337,7 @@ def _make_sampler_class(Base):
                 return
             index = seq_lens - self.req_states.prompt_len.np[idx_np]
             req_ids = [self.req_states.index_to_req_id.get(int(idx_np[i]), "") for i in rows]
-            prm = result.params
-            tensors = {"token_id": tokens, "branch": prm.branch,
-                       "temperature": prm.temperature, "top_k": prm.top_k, "top_p": prm.top_p,
-                       "min_p": prm.min_p, "entropy": result.stats.entropy,
-                       "varentropy": result.stats.varentropy,
-                       "attn_entropy": result.attn.attn_entropy,
-                       "attn_varentropy": result.attn.attn_varentropy,
-                       "agreement": result.attn.agreement,
-                       "interaction_strength": result.attn.interaction_strength}
+            tensors = step_mod.trace_tensors(result, tokens)
             writer.submit(req_ids, [int(index[i]) for i in rows], tensors, rows=rows)
 
     EntropixSamplerV2.__qualname__ = "EntropixSamplerV2"

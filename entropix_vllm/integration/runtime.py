@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from ..config import EngineConfig, EntropixConfig, parse_request_args
+from ..config import EngineConfig, parse_request_args
 from ..step import coefficient_columns, coefficient_rows
 
 logger = logging.getLogger("vllm.entropix")
