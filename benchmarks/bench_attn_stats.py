@@ -17,16 +17,19 @@ Times are medians of ``triton.testing.do_bench`` (the L2 cache is flushed
 before every run, launch overhead included). ``--graph`` adds GPU-only times
 measured from CUDA graphs (each run preceded by an L2 flush inside the graph,
 the flush's own time subtracted). One decode step of a whole model is not
-measured here (that needs vLLM on the GPU machine): the column says so.
+measured on CUDA (that needs vLLM on the GPU machine): the column says so.
 
 ``--device cpu`` times, on small shapes, the ``cpp`` backend of
 ``entropix_vllm.ops`` (when built) and the torch reference against a torch
 gather-and-sum read of the same keys (``--interpret`` adds the Triton kernels
-under the interpreter, which is very slow).
+under the interpreter, which is very slow). ``--decode-step [MODEL]`` (CPU)
+takes the layer shape from MODEL (default: the bundled model) and adds one
+decode step of it in vLLM, with the stock sampler and with Entropix.
 
     python benchmarks/bench_attn_stats.py                    # CUDA, full grid
     python benchmarks/bench_attn_stats.py --sweep            # + launch-parameter variants
     python benchmarks/bench_attn_stats.py --device cpu
+    python benchmarks/bench_attn_stats.py --device cpu --decode-step   # + the bundled model's step
 """
 
 from __future__ import annotations
@@ -64,6 +67,14 @@ def parse_args():
     ap.add_argument("--interpret", action="store_true", help="cpu: also the Triton interpreter")
     ap.add_argument("--threads", type=int, default=1,
                     help="cpu: torch threads (default 1: stable timings on a shared machine)")
+    ap.add_argument("--decode-step", nargs="?", const="bundled", default=None, metavar="MODEL",
+                    help="cpu: also time one decode step of MODEL (default: the bundled model) "
+                         "in vLLM at each batch and context, with the stock sampler and with "
+                         "--sampler entropix; the layer shape then comes from the model's "
+                         "config and the block size is vLLM CPU's 128")
+    ap.add_argument("--decode-tokens", type=int, default=16,
+                    help="decode steps timed per measurement (--decode-step)")
+    ap.add_argument("--decode-worker", default=None, help=argparse.SUPPRESS)
     return ap.parse_args()
 
 
@@ -326,11 +337,98 @@ def run_cuda(args):
 # ----------------------------------------------------------------------------
 # CPU
 # ----------------------------------------------------------------------------
+def decode_model_path(name: str) -> str:
+    if name == "bundled":
+        from entropix_vllm.bundled import bundled_model_path
+        return bundled_model_path()
+    return name
+
+
+def decode_worker(args) -> None:
+    """Runs in its own process: one vLLM engine (``args.decode_worker`` is the
+    sampler, ``default`` or ``entropix``); prints ``DECODE_RESULT {json}``
+    mapping ``"B,L"`` to the time of one decode step in ms.
+
+    For each batch B and context L: B prompts of L random token ids, served
+    with ``max_tokens=1`` (prefill and one token) and ``max_tokens=1+N``
+    (``ignore_eos``); one decode step is the difference over N, the fastest
+    of three of each. Prefix caching stays on (vLLM's default), so after the
+    first run every prompt but its last token is cached and the prefill
+    adds little noise.
+    """
+    import json
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    batches = [int(x) for x in (args.batches or "1,4").split(",")]
+    contexts = [int(x) for x in (args.contexts or "128,512").split(",")]
+    N = args.decode_tokens
+    kw = dict(model=decode_model_path(args.decode_step), dtype="float32", seed=0,
+              max_model_len=max(contexts) + N + 16, max_num_seqs=max(batches))
+    if args.decode_worker == "entropix":
+        kw["additional_config"] = {"sampler": "entropix"}
+    llm = LLM(**kw)
+    vocab = llm.llm_engine.model_config.get_vocab_size()
+    g = torch.Generator().manual_seed(0)
+    res = {}
+    for B in batches:
+        for L in contexts:
+            prompts = [TokensPrompt(prompt_token_ids=torch.randint(
+                100, vocab - 100, (L,), generator=g).tolist()) for _ in range(B)]
+
+            def run(n):
+                sps = [SamplingParams(max_tokens=n, min_tokens=n, ignore_eos=True, seed=i)
+                       for i in range(B)]
+                t0 = time.perf_counter()
+                outs = llm.generate(prompts, sps, use_tqdm=False)
+                t = time.perf_counter() - t0
+                assert all(len(o.outputs[0].token_ids) == n for o in outs)
+                return t
+
+            run(1)
+            t1 = min(run(1) for _ in range(3))
+            tn = min(run(1 + N) for _ in range(3))
+            res[f"{B},{L}"] = (tn - t1) / N * 1e3
+    print("DECODE_RESULT " + json.dumps(res), flush=True)
+
+
+def decode_steps(args, sampler: str) -> dict:
+    """``decode_worker`` in a fresh process (one engine per sampler)."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, "-P", os.path.abspath(__file__), "--device", "cpu",
+           "--decode-worker", sampler, "--decode-step", args.decode_step,
+           "--decode-tokens", str(args.decode_tokens)]
+    if args.batches:
+        cmd += ["--batches", args.batches]
+    if args.contexts:
+        cmd += ["--contexts", args.contexts]
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    out = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
+    line = [x for x in out.splitlines() if x.startswith("DECODE_RESULT ")][-1]
+    return json.loads(line[len("DECODE_RESULT "):])
+
+
 def run_cpu(args):
     torch.set_num_threads(args.threads)
     batches = [int(x) for x in (args.batches or "1,4").split(",")]
     contexts = [int(x) for x in (args.contexts or "128,512").split(",")]
     H, HKV, D, BS = args.heads, args.kv_heads, args.head_size, args.block_size
+    steps = {}
+    if args.decode_step:
+        import json
+
+        with open(os.path.join(decode_model_path(args.decode_step), "config.json")) as f:
+            mc = json.load(f)
+        H, HKV = mc["num_attention_heads"], mc.get("num_key_value_heads", mc["num_attention_heads"])
+        D = mc.get("head_dim") or mc["hidden_size"] // H
+        BS = 128
+        for sampler in ("default", "entropix"):
+            steps[sampler] = decode_steps(args, sampler)
     dtype = DTYPES[args.dtype] if args.dtype != "bfloat16" else torch.float32
     scale = D ** -0.5
     has_cpp = ops.cpp_available() and hasattr(torch.ops.entropix, "paged_attention_stats")
@@ -341,10 +439,19 @@ def run_cpu(args):
     print(f"- layer: H={H}, H_kv={HKV}, D={D}, block size {BS}, {dtype} cache (vLLM layout view)")
     print(f"- cpp backend: {'built' if has_cpp else 'not built (column not measured)'}")
     print("- timing: best of up to 50 runs (0.5 s) per entry, 5 for the torch reference\n")
+    if steps:
+        print(f"- one decode step: vLLM `LLM.generate` of {os.path.basename(decode_model_path(args.decode_step).rstrip('/'))}"
+              f" (fp32), (time for 1 + {args.decode_tokens} tokens - time for 1) / "
+              f"{args.decode_tokens}, fastest of 3, prefix cache warm; engine with the stock "
+              f"sampler and with `sampler=entropix` (which includes the attention capture "
+              f"and statistics); vLLM's own threads, not --threads\n")
     cols = ["batch", "context", "read K once, torch (ms)", "cpp (ms)", "cpp / read",
             "torch reference (ms)"]
     if args.interpret:
         cols.append("triton interpreter (ms)")
+    if steps:
+        cols += ["decode step, stock (ms)", "cpp / step", "decode step, entropix (ms)",
+                 "entropix / stock"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for B in batches:
@@ -368,6 +475,10 @@ def run_cpu(args):
                 from entropix_vllm.triton_kernels import attn_stats as tk
                 row.append(fmt(bench_cpu(lambda: tk.paged_attention_stats(
                     q, k, bt, sl, scale, max_seq_len=L), min_time=0.0, max_reps=1)))
+            if steps:
+                st, se = steps["default"][f"{B},{L}"], steps["entropix"][f"{B},{L}"]
+                row += [fmt(st), fmt(None if t_cpp is None else t_cpp / st, 2), fmt(se),
+                        fmt(se / st, 2)]
             print("| " + " | ".join(row) + " |", flush=True)
 
 
@@ -376,5 +487,7 @@ if __name__ == "__main__":
         if not torch.cuda.is_available():
             sys.exit("no CUDA device; use --device cpu")
         run_cuda(ARGS)
+    elif ARGS.decode_worker:
+        decode_worker(ARGS)
     else:
         run_cpu(ARGS)

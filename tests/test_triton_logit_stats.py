@@ -14,7 +14,9 @@ Every case draws fresh seeded inputs and compares with
   as ``-inf``), with id 0 for padding beyond the row's ``V`` entries.
 
 Both launch layouts are forced (one program per row; vocabulary splits plus a
-merge kernel), with several tile sizes. Without CUDA the kernels run in the Triton interpreter on
+merge kernel), each with both candidate methods (block maxima then a
+selection kernel; a scratch buffer kept while streaming), with several tile
+sizes. Without CUDA the kernels run in the Triton interpreter on
 CPU tensors (``TRITON_INTERPRET=1``, set in conftest.py) with shapes kept
 small; with CUDA the same cases run on the GPU plus larger batches, a CUDA
 graph capture and a no-host-sync check.
@@ -162,8 +164,11 @@ def check(x: torch.Tensor, num_candidates: int = K_MAX, **kw):
 # ----------------------------------------------------------------------------
 # Tests
 # ----------------------------------------------------------------------------
-LAYOUTS = [dict(layout="row"), dict(layout="split", num_splits=3)]
-LAYOUT_IDS = ["row", "split"]
+# both launch layouts x both candidate methods (block maxima, the default;
+# candidates kept while streaming)
+LAYOUTS = [dict(layout=lay, candidates=c, **({"num_splits": 3} if lay == "split" else {}))
+           for c in ("blockmax", "stream") for lay in ("row", "split")]
+LAYOUT_IDS = [f"{kw['layout']}-{kw['candidates']}" for kw in LAYOUTS]
 
 
 @pytest.mark.parametrize("kw", LAYOUTS, ids=LAYOUT_IDS)
@@ -188,7 +193,15 @@ def test_adversarial_orders(kw, block):
     zigzag = torch.where(torch.arange(V) % 2 == 0, asc, desc)
     creep = torch.arange(V) * 1e-5  # each entry beats the earlier ones by a hair
     narrow = 5.0 + 1e-4 * torch.randn(V, generator=g)  # all within a tiny range
-    check(torch.stack([asc, desc, steps, zigzag, creep, narrow]), block=block, **kw)
+    # block maxima: one dense block of large values and many blocks holding a
+    # single value just below them (the top blocks by max hold few candidates)
+    cluster = torch.randn(V, generator=g)
+    cluster[64:96] = 10.0 + torch.rand(32, generator=g)
+    cluster[200::37] = 9.0 + 0.5 * torch.rand(len(range(200, V, 37)), generator=g)
+    # equal block maxima everywhere: the lower blocks win
+    plateau = torch.where(torch.arange(V) % 32 == 5, 3.0, -torch.rand(V, generator=g))
+    check(torch.stack([asc, desc, steps, zigzag, creep, narrow, cluster, plateau]),
+          block=block, **kw)
 
 
 @pytest.mark.parametrize("kw", LAYOUTS, ids=LAYOUT_IDS)
@@ -213,6 +226,36 @@ def test_large_vocab(V, kw):
     kinds = ("gauss", "peaked") if not CUDA else KINDS
     dtype = torch.bfloat16 if V == 49152 else torch.float32
     check(make_batch(kinds, V, seed=V % 1000, dtype=dtype), **kw)
+
+
+@pytest.mark.parametrize("V", [262144 + 5, 600001])
+def test_vocab_beyond_block_maxima_bound(V):
+    """More than MAX_BLOCKS blocks of 32 ids: the blocks grow (64, 128 ids)."""
+    p = tk.plan(2, V, K_MAX, torch.device(DEVICE))
+    assert p["G"] > 32 and p["NB"] <= tk.MAX_BLOCKS
+    kinds = ("gauss", "ties") if not CUDA else ("gauss", "ties", "masked", "peaked")
+    check(make_batch(kinds, V, seed=V % 97), layout="row")
+    check(make_batch(kinds, V, seed=V % 89, dtype=torch.bfloat16), layout="split",
+          num_splits=4)
+
+
+def test_plan_block_maxima():
+    """Blocks of G ids: a power of two, at least a 128-byte line of logits when
+    the tile allows, dividing the tile, covering the row in at most MAX_BLOCKS."""
+    dev = torch.device(DEVICE)
+    for V in (1, 7, 1000, 32000, 128256, 151936, 256000, 262144, 262145, 10**6):
+        for itemsize in (2, 4):
+            for block in (None, 16, 256):
+                p = tk.plan(3, V, K_MAX, dev, block=block, itemsize=itemsize)
+                G, NB, BLOCK = p["G"], p["NB"], p["BLOCK"]
+                assert G & (G - 1) == 0 and BLOCK % G == 0, p
+                assert G >= min(128 // itemsize, BLOCK), p
+                assert NB == -(-V // G) and NB <= tk.MAX_BLOCKS and p["NBP"] >= NB, p
+                assert p["CMODE"] == 2
+    assert tk.plan(3, 1000, 0, dev)["CMODE"] == 0
+    assert tk.plan(3, 1000, 5, dev, candidates="stream")["CMODE"] == 1
+    with pytest.raises(ValueError, match="candidates"):
+        tk.plan(3, 1000, 5, dev, candidates="sort")
 
 
 def test_padded_vocab_strided_rows():
@@ -316,10 +359,11 @@ def test_empty_batch():
 @pytest.mark.parametrize("B,V,dtype", [(64, 128256, torch.float32), (256, 32000, torch.bfloat16),
                                        (8, 151936, torch.float16), (1, 256000, torch.float32),
                                        (1024, 4096, torch.float32)])
-def test_cuda_large(B, V, dtype):
+@pytest.mark.parametrize("candidates", ["blockmax", "stream"])
+def test_cuda_large(B, V, dtype, candidates):
     g = torch.Generator().manual_seed(B + V)
     kinds = [KINDS[int(i)] for i in torch.randint(len(KINDS), (B,), generator=g)]
-    check(make_batch(kinds, V, seed=B, dtype=dtype))
+    check(make_batch(kinds, V, seed=B, dtype=dtype), candidates=candidates)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")

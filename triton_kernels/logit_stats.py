@@ -24,30 +24,51 @@ Algorithm (per row, one pass over the vocabulary in tiles of ``BLOCK`` logits):
   strictly exceeds the running max.
 * Candidates (``k = num_candidates``). Every logit is an int64 key (its value,
   then the lower id; see ``_pack_key``): the top ``k`` keys are the answer,
-  ties resolved to the lower id. Each program appends, in id order, the keys
-  of the entries that can still make its top ``k`` to a small scratch buffer
-  (``CAP`` keys, L2 resident): every entry while fewer than ``k`` are held,
-  afterwards only entries ``> thr``, where ``thr`` is a value that at least
-  ``k`` held entries reach (equal values cannot qualify later: their ids are
-  higher). A tile whose max is ``<= thr`` costs nothing more; positions come
-  from a prefix sum of the append mask. When a tile would add more than
-  ``CAP - k`` keys (the first tile), its own top ``k`` is selected first; when
-  the buffer would overflow it is compacted to its top ``k``. Selection
-  (``_select``) bisects the 32-bit value field for the k-th largest value
-  (about 30 counting reductions, no sorting) and keeps the lowest-id entries
-  among ties by a prefix sum; ``thr`` becomes that value. At the end the held
-  keys are selected once more and sorted by rank (each key's rank is the
-  number of larger keys, counted in chunks) straight into the output. NaN
-  counts as ``-inf``, as in ``reference.topk_candidates``.
+  ties resolved to the lower id; NaN counts as ``-inf``, as in
+  ``reference.topk_candidates``. Two methods (``candidates=``):
+
+  - ``"blockmax"`` (default). The streaming pass also writes the max of every
+    block of ``G`` ids (``G`` = one 128-byte line of logits, larger for
+    vocabularies above ``MAX_BLOCKS`` lines; the tile is loaded as
+    ``[BLOCK // G, G]`` so each block's max is a reduction inside a warp), 1/G
+    of the logits' size. A key in the top ``k`` has fewer than ``k`` larger
+    keys, so fewer than ``k`` blocks have a larger max: its block is among the
+    ``k`` blocks with the largest maxima (equal maxima: the lower block). A
+    second small kernel per row (``_blockmax_topk``) selects those ``k``
+    blocks from the ``ceil(V / G)`` maxima, reads their ``k * G`` logits
+    again and selects and rank-sorts their top ``k`` keys. The streaming loop
+    itself does no candidate bookkeeping (its register footprint is that of
+    the statistics alone); the extra traffic is the maxima (written, read)
+    and ``k`` lines per row.
+  - ``"stream"``. Each program appends, in id order, the keys of the entries
+    that can still make its top ``k`` to a small scratch buffer (``CAP``
+    keys, L2 resident): every entry while fewer than ``k`` are held,
+    afterwards only entries ``> thr``, where ``thr`` is a value that at least
+    ``k`` held entries reach (equal values cannot qualify later: their ids
+    are higher). A tile whose max is ``<= thr`` costs nothing more; positions
+    come from a prefix sum of the append mask. When a tile would add more
+    than ``CAP - k`` keys (the first tile), its own top ``k`` is selected
+    first; when the buffer would overflow it is compacted to its top ``k``.
+    At the end the held keys are selected once more and sorted by rank.
+
+  Selection (``_select``) bisects the 32-bit value field for the k-th
+  largest value (a counting reduction per step, stopping early when exactly
+  ``k`` entries are at or above the probe; no sorting) and keeps the
+  lowest-id entries among ties by a prefix sum. The final order is by rank
+  (each key's rank is the number of larger keys, counted in chunks), written
+  straight into the output.
 
 Two launch layouts:
 
-* ``"row"``: one program per row (large batches).
-* ``"split"``: ``NS`` programs per row each over a contiguous vocabulary chunk,
-  writing ``(m, S0, mu, M2, argmax)`` and their top-``k`` keys to small partial
-  buffers, then one merge program per row (Chan merge of the partials;
-  selection and rank sort of the ``NS * k`` keys). Used when the batch is
-  smaller than the number of SMs so that batch 1 spreads over the whole GPU.
+* ``"row"``: one program per row (large batches), then, with ``"blockmax"``,
+  one candidate program per row.
+* ``"split"``: ``NS`` programs per row each over a contiguous vocabulary chunk
+  (a whole number of tiles, so no block straddles two), writing ``(m, S0,
+  mu, M2, argmax)`` (and, with ``"stream"``, their top-``k`` keys) to small
+  partial buffers, then one merge program per row (Chan merge of the
+  partials; the candidates from the block maxima, or selection and rank
+  sort of the ``NS * k`` keys). Used when the batch is smaller than the
+  number of SMs so that batch 1 spreads over the whole GPU.
 
 No host synchronisation; all buffers have sizes fixed by the shape, so the
 launch can be captured in a CUDA graph.
@@ -114,23 +135,26 @@ def _select(k32, valid, K):
     """The ``K`` largest valid keys of a 1-D tensor whose order is id order,
     given their value fields ``k32`` (int32, see ``_k32``).
 
-    Returns ``(keep, t32)``: ``keep`` marks ``min(K, #valid)`` entries; ``t32``
-    is the value field of the K-th largest key when at least K entries are
-    valid. The k-th largest value is found by bisection over the int32 value
-    field (each step one counting reduction); among the entries equal to it
-    the first ones (lowest ids) fill the remaining places.
+    Returns ``(keep, t32)``: ``keep`` marks ``min(K, #valid)`` entries; when
+    at least K entries are valid, every kept entry's value field is ``>= t32``
+    and no other entry's is larger (``t32`` is the K-th largest value field,
+    or lies between it and the next larger one). The threshold is found by bisection over the
+    int32 value field (each step one counting reduction); among the entries
+    equal to it the first ones (lowest ids) fill the remaining places.
     """
     nvalid = tl.sum(valid.to(tl.int32), axis=0)
     lo = tl.min(tl.where(valid, k32, 2147483647), axis=0)
     hi = tl.max(tl.where(valid, k32, -2147483647), axis=0)
     hi = tl.where(nvalid > K, hi, lo)
-    # invariant: at least K valid entries have a value field >= lo
+    # invariant: at least K valid entries have a value field >= lo; a step
+    # that finds exactly K at or above ``mid`` ends the search there (distinct
+    # values: about log2(#valid) steps rather than 31)
     while lo < hi:
         mid = ((lo.to(tl.int64) + hi.to(tl.int64) + 1) >> 1).to(tl.int32)
         c = tl.sum((valid & (k32 >= mid)).to(tl.int32), axis=0)
         up = c >= K
         lo = tl.where(up, mid, lo)
-        hi = tl.where(up, hi, mid - 1)
+        hi = tl.where(c == K, mid, tl.where(up, hi, mid - 1))
     gt = valid & (k32 > lo)
     eq = valid & (k32 == lo)
     quota = K - tl.sum(gt.to(tl.int32), axis=0)
@@ -175,6 +199,39 @@ def _write_sorted(ptr, n, out_v, out_i, NC, V, KP: tl.constexpr, CH: tl.constexp
     tl.store(out_i + kk, tl.zeros([KP], dtype=tl.int64), mask=pad)
 
 
+@triton.jit
+def _blockmax_topk(x_row, V, bm_row, NB, scratch, out_v, out_i, NC,
+                   G: tl.constexpr, NBP: tl.constexpr, KP: tl.constexpr):
+    """The row's top ``NC`` keys from its block maxima, sorted into ``out_v/out_i``.
+
+    ``bm_row[0..NB)`` holds the max of each block of ``G`` ids (``NBP >= NB``).
+    A key in the row's top ``NC`` has fewer than ``NC`` larger keys, so fewer
+    than ``NC`` blocks have a larger max key: its block is among the ``NC``
+    blocks with the largest max keys (block maxima compared by value, then
+    the lower block index, which orders them exactly as their max keys).
+    Those blocks (``NC * G`` ids, in id order) are read back from the logits
+    and their top ``NC`` keys selected and rank-sorted. ``scratch`` holds
+    ``KP`` int64 (block indices, then keys).
+    """
+    NEG_INF = float("-inf")
+    j = tl.arange(0, NBP)
+    okb = j < NB
+    bm = tl.load(bm_row + j, mask=okb, other=NEG_INF)
+    keepb, _ = _select(_k32(bm), okb, NC)
+    nb = _compact(scratch, j.to(tl.int64), keepb)
+    t = tl.arange(0, KP * G)
+    slot = t // G
+    have = slot < nb
+    blk = tl.load(scratch + slot, mask=have, other=0).to(tl.int32)
+    ids = blk * G + t % G
+    valid = have & (ids < V)
+    v = tl.load(x_row + ids, mask=valid, other=NEG_INF).to(tl.float32)
+    v = tl.where(v != v, NEG_INF, v)
+    keep, _ = _select(_k32(v), valid, NC)
+    n = _compact(scratch, _pack_key(v, ids), keep)
+    _write_sorted(scratch, n, out_v, out_i, NC, V, KP, 32)
+
+
 # ----------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------
@@ -182,17 +239,22 @@ def _write_sorted(ptr, n, out_v, out_i, NC, V, KP: tl.constexpr, CH: tl.constexp
 def _logit_stats_kernel(
     x_ptr, stride_b, V, CHUNK, NS,
     out_max, out_arg, out_lse, out_ent, out_vent, cand_v, cand_i, NC,
-    part_f, part_i, part_k, part_n, buf_ptr,
+    part_f, part_i, part_k, part_n, buf_ptr, bmax_ptr, NB,
     BLOCK: tl.constexpr, CAP: tl.constexpr, KP: tl.constexpr,
-    CAND: tl.constexpr, FINAL: tl.constexpr, PREFETCH: tl.constexpr,
+    CMODE: tl.constexpr, G: tl.constexpr, FINAL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Program (row, split): vocabulary ids ``[split*CHUNK, min(V, (split+1)*CHUNK))``.
 
-    FINAL (NS == 1): writes the row's outputs. Otherwise writes partials:
-    ``part_f[row, split, 0:4] = (m, S0, mu, M2)``, ``part_i[row, split]`` the
-    argmax id, ``part_k[row, split, 0:n]`` its top keys (id order) and
-    ``part_n[row, split] = n``. ``buf_ptr[row, split, 0:CAP]`` is scratch.
+    FINAL (NS == 1): writes the row's statistics (and, with ``CMODE ==
+    STREAM``, its candidates). Otherwise writes partials: ``part_f[row, split,
+    0:4] = (m, S0, mu, M2)``, ``part_i[row, split]`` the argmax id and, with
+    ``CMODE == STREAM``, ``part_k[row, split, 0:n]`` its top keys (id order)
+    and ``part_n[row, split] = n``; ``buf_ptr[row, split, 0:CAP]`` is scratch.
+    With ``CMODE == BLOCKMAX`` it writes ``bmax_ptr[row, j]``, the max of ids
+    ``[j*G, (j+1)*G)`` (NaN read as ``-inf``), for the ``NB`` blocks of the
+    row that its ids cover.
     """
+    CAND: tl.constexpr = CMODE == 1
     row = tl.program_id(0)
     split = tl.program_id(1)
     base = x_ptr + row.to(tl.int64) * stride_b
@@ -201,7 +263,11 @@ def _logit_stats_kernel(
     prog = row.to(tl.int64) * NS + split
     buf = buf_ptr + prog * CAP
 
-    ar = tl.arange(0, BLOCK)
+    if CMODE == 2:  # tiles as [BLOCK // G, G]: one row per block of G ids
+        ar = tl.arange(0, BLOCK // G)[:, None] * G + tl.arange(0, G)[None, :]
+        bm_row = bmax_ptr + row.to(tl.int64) * NB
+    else:
+        ar = tl.arange(0, BLOCK)
     NEG_INF = float("-inf")
 
     m = tl.max(tl.full([BLOCK], NEG_INF, tl.float32), axis=0)
@@ -224,11 +290,17 @@ def _logit_stats_kernel(
         else:
             x = tl.load(base + offs, mask=inr, other=NEG_INF).to(tl.float32)
         xc = tl.where(x != x, NEG_INF, x)
-        tmax = tl.max(xc, axis=0)
+        if CMODE == 2:
+            bm = tl.max(xc, axis=1)
+            bidx = start // G + tl.arange(0, BLOCK // G)
+            tl.store(bm_row + bidx, bm, mask=bidx * G < hi)
+            tmax = tl.max(bm, axis=0)
+        else:
+            tmax = tl.max(xc, axis=None)
 
         # argmax: lowest id of the tile max when it beats the running max
         if tmax > m:
-            am = tl.min(tl.where(xc == tmax, offs, 2147483647), axis=0)
+            am = tl.min(tl.where(xc == tmax, offs, 2147483647), axis=None)
 
         # moments of the tile around the new max, merged with Chan's rule
         m_new = tl.maximum(m, tmax)
@@ -236,11 +308,11 @@ def _logit_stats_kernel(
         is_ninf = x == NEG_INF
         d = tl.where(is_ninf, 0.0, x - m_use)
         e = tl.where(is_ninf, 0.0, tl.exp2(d * LOG2E))
-        s0 = tl.sum(e, axis=0)
-        s1 = tl.sum(d * e, axis=0)
+        s0 = tl.sum(e, axis=None)
+        s1 = tl.sum(d * e, axis=None)
         mu_t = tl.where(s0 > 0.0, s1 / s0, 0.0)
         c = d - mu_t
-        m2_t = tl.sum(e * c * c, axis=0)
+        m2_t = tl.sum(e * c * c, axis=None)
         shift = tl.where(m == NEG_INF, 0.0, m - m_use)
         alpha = tl.exp2(shift * LOG2E)
         S0a = S0 * alpha
@@ -318,12 +390,27 @@ def _logit_stats_kernel(
 
 
 @triton.jit
+def _candidates_kernel(x_ptr, stride_b, V, bmax_ptr, NB, scratch_ptr, cand_v, cand_i, NC,
+                       G: tl.constexpr, NBP: tl.constexpr, KP: tl.constexpr):
+    """One program per row: candidates from the block maxima (one program per row layout)."""
+    row = tl.program_id(0)
+    r64 = row.to(tl.int64)
+    _blockmax_topk(x_ptr + r64 * stride_b, V, bmax_ptr + r64 * NB, NB, scratch_ptr + r64 * KP,
+                   cand_v + r64 * NC, cand_i + r64 * NC, NC, G, NBP, KP)
+
+
+@triton.jit
 def _merge_kernel(
     part_f, part_i, part_k, part_n, NS, V,
     out_max, out_arg, out_lse, out_ent, out_vent, cand_v, cand_i, NC,
-    NSP: tl.constexpr, KP: tl.constexpr, CAND: tl.constexpr,
+    x_ptr, stride_b, bmax_ptr, NB,
+    NSP: tl.constexpr, KP: tl.constexpr, CMODE: tl.constexpr, G: tl.constexpr,
+    NBP: tl.constexpr,
 ):
-    """One program per row: merges the row's NS split partials (NSP >= NS)."""
+    """One program per row: merges the row's NS split partials (NSP >= NS);
+    with ``CMODE == BLOCKMAX`` selects the candidates from the block maxima
+    (``part_k[row, 0, :]`` is the scratch)."""
+    CAND: tl.constexpr = CMODE == 1
     row = tl.program_id(0)
     NEG_INF = float("-inf")
     s = tl.arange(0, NSP)
@@ -378,6 +465,11 @@ def _merge_kernel(
         n = _compact(rowk, keys, keep)
         _write_sorted(rowk, n, cand_v + row.to(tl.int64) * NC,
                       cand_i + row.to(tl.int64) * NC, NC, V, KP, 32)
+    if CMODE == 2:
+        r64 = row.to(tl.int64)
+        _blockmax_topk(x_ptr + r64 * stride_b, V, bmax_ptr + r64 * NB, NB,
+                       part_k + (r64 * NS) * KP, cand_v + r64 * NC, cand_i + r64 * NC, NC,
+                       G, NBP, KP)
 
 
 # ----------------------------------------------------------------------------
@@ -401,29 +493,31 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def plan(B: int, V: int, num_candidates: int, device: torch.device, layout: str = "auto",
-         num_splits: Optional[int] = None, block: Optional[int] = None,
-         num_warps: Optional[int] = None, prefetch: Optional[bool] = None):
-    """Launch plan ``dict(NS, CHUNK, BLOCK, CAP, KP, num_warps, prefetch)`` for ``[B, V]``.
+CANDIDATE_METHODS = ("blockmax", "stream")
+MAX_BLOCKS = 8192  # block maxima per row (the selection over them is one tensor)
 
-    ``layout``: ``"auto"`` (split when ``B`` is below the SM count), ``"row"``
-    or ``"split"``. ``num_splits`` forces the split count (clamped to
-    ``1..min(MAX_SPLITS, ceil(V / BLOCK))``); ``block`` forces the tile size (a
-    power of two); ``num_warps`` the warps per program; ``prefetch`` loads the
-    next tile before working on the current one.
-    """
-    if layout not in ("auto", "row", "split"):
-        raise ValueError(f"layout: expected 'auto', 'row' or 'split', got {layout!r}")
+
+@functools.lru_cache(maxsize=256)
+def _plan(B: int, V: int, num_candidates: int, itemsize: int, sms: int, cuda: bool,
+          layout: str, num_splits: Optional[int], block: Optional[int],
+          num_warps: Optional[int], prefetch: Optional[bool], candidates: str) -> dict:
     KP = max(16, _next_pow2(num_candidates)) if num_candidates > 0 else 16
     cap = min(1024, max(256, 8 * KP))
-    sms = num_sms(device)
     split = layout == "split" or (layout == "auto" and B < sms)
     if block is None:
-        if device.type != "cuda":
+        if not cuda:
             block = 16384  # interpreter: few large tiles (each op has a fixed cost)
         else:
             block = 2048 if split else 4096
     block = max(16, min(_next_pow2(block), _next_pow2(V)))
+    cmode = 0 if num_candidates == 0 else (2 if candidates == "blockmax" else 1)
+    # block maxima: blocks of G ids, 128 bytes of logits (one cache line) or
+    # more so that a row has at most MAX_BLOCKS of them; a tile holds whole blocks
+    g = max(128 // itemsize, _next_pow2(triton.cdiv(V, MAX_BLOCKS)))
+    if cmode == 2:
+        block = max(block, min(g, _next_pow2(V)))
+    g = min(g, block)
+    nb = triton.cdiv(V, g)
     max_ns = max(1, min(MAX_SPLITS, triton.cdiv(V, block)))
     if not split:
         ns = 1
@@ -433,20 +527,54 @@ def plan(B: int, V: int, num_candidates: int, device: torch.device, layout: str 
         ns = max(1, min(max_ns, triton.cdiv(2 * sms, max(B, 1))))
     chunk = triton.cdiv(triton.cdiv(V, ns), block) * block
     ns = triton.cdiv(V, chunk)
-    # defaults from the H100 sweep in benchmarks/RESULTS.md: 4 warps, and for
-    # one program per row a register double-buffered next tile
+    # defaults from the H100 sweep in benchmarks/RESULTS.md. "stream": 4
+    # warps, and for one program per row a register double-buffered next tile.
+    # Statistics alone and "blockmax" (whose streaming kernel has the register
+    # footprint of the statistics alone in sm_90 builds): 8 warps for one
+    # program per row without prefetch, the configuration of the statistics'
+    # measured row.
     if num_warps is None:
-        num_warps = 8 if block >= 8192 else 4
+        num_warps = 8 if block >= 8192 or (cmode != 1 and not split) else 4
     if prefetch is None:
-        prefetch = not split and device.type == "cuda"
+        prefetch = not split and cuda and cmode == 1
+    gather = KP * g
     return dict(NS=ns, CHUNK=chunk, BLOCK=block, CAP=cap, KP=KP, num_warps=num_warps,
-                prefetch=bool(prefetch))
+                prefetch=bool(prefetch), CMODE=cmode, G=g, NB=nb, NBP=_next_pow2(nb),
+                cand_warps=4 if max(_next_pow2(nb), gather) <= 4096 else
+                (8 if max(_next_pow2(nb), gather) <= 8192 else 16))
+
+
+def plan(B: int, V: int, num_candidates: int, device: torch.device, layout: str = "auto",
+         num_splits: Optional[int] = None, block: Optional[int] = None,
+         num_warps: Optional[int] = None, prefetch: Optional[bool] = None,
+         candidates: str = "blockmax", itemsize: int = 4):
+    """Launch plan for ``[B, V]`` logits of ``itemsize`` bytes: a dict with
+    ``NS, CHUNK, BLOCK, CAP, KP, num_warps, prefetch`` (the streaming kernel),
+    ``CMODE`` (0: no candidates, 1: ``"stream"``, 2: ``"blockmax"``), ``G``,
+    ``NB``, ``NBP`` and ``cand_warps`` (block maxima and the candidate kernel).
+
+    ``layout``: ``"auto"`` (split when ``B`` is below the SM count), ``"row"``
+    or ``"split"``. ``num_splits`` forces the split count (clamped to
+    ``1..min(MAX_SPLITS, ceil(V / BLOCK))``); ``block`` forces the tile size (a
+    power of two); ``num_warps`` the warps per program; ``prefetch`` loads the
+    next tile before working on the current one. ``candidates``: ``"blockmax"``
+    (the streaming pass writes per-block maxima; a second small kernel selects
+    from them) or ``"stream"`` (each program keeps its candidates while
+    streaming; see the module docstring). Plans are cached.
+    """
+    if layout not in ("auto", "row", "split"):
+        raise ValueError(f"layout: expected 'auto', 'row' or 'split', got {layout!r}")
+    if candidates not in CANDIDATE_METHODS:
+        raise ValueError(f"candidates: expected one of {CANDIDATE_METHODS}, got {candidates!r}")
+    return dict(_plan(int(B), int(V), int(num_candidates), int(itemsize), num_sms(device),
+                      device.type == "cuda", layout, num_splits, block, num_warps, prefetch,
+                      candidates))
 
 
 def fused_logit_stats(logits: torch.Tensor, num_candidates: int = K_MAX, *,
                       layout: str = "auto", num_splits: Optional[int] = None,
                       block: Optional[int] = None, num_warps: Optional[int] = None,
-                      prefetch: Optional[bool] = None
+                      prefetch: Optional[bool] = None, candidates: str = "blockmax"
                       ) -> Tuple[LogitStats, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """One read of ``logits [B, V]`` (float32, float16 or bfloat16; ``V >= 1``;
     rows may be strided, the last dimension must be contiguous or is made so).
@@ -462,9 +590,9 @@ def fused_logit_stats(logits: torch.Tensor, num_candidates: int = K_MAX, *,
     entries the rest is ``-inf`` with id 0. ``None, None`` when
     ``num_candidates == 0``.
 
-    ``layout``/``num_splits``/``block``/``num_warps``/``prefetch`` override the
-    launch plan (see :func:`plan`); results do not depend on them beyond
-    float32 rounding of the statistics.
+    ``layout``/``num_splits``/``block``/``num_warps``/``prefetch``/``candidates``
+    override the launch plan (see :func:`plan`); results do not depend on them
+    beyond float32 rounding of the statistics.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits: expected a [B, V] tensor, got shape {tuple(logits.shape)}")
@@ -478,43 +606,53 @@ def fused_logit_stats(logits: torch.Tensor, num_candidates: int = K_MAX, *,
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     dev = logits.device
-    f32 = dict(device=dev, dtype=torch.float32)
-    i64 = dict(device=dev, dtype=torch.int64)
-    out_max = torch.empty(B, **f32)
-    out_lse = torch.empty(B, **f32)
-    out_ent = torch.empty(B, **f32)
-    out_vent = torch.empty(B, **f32)
-    out_arg = torch.empty(B, **i64)
     NC = int(num_candidates)
+    p = plan(B, V, NC, dev, layout, num_splits, block, num_warps, prefetch, candidates,
+             logits.element_size())
+    # outputs: views of one float32 and one int64 allocation
+    fbuf = torch.empty(B * (4 + NC), device=dev, dtype=torch.float32)
+    ibuf = torch.empty(B * (1 + NC), device=dev, dtype=torch.int64)
+    out_max, out_lse, out_ent, out_vent = fbuf[:4 * B].view(4, B).unbind(0)
+    out_arg = ibuf[:B]
     cand = NC > 0
-    cand_v = torch.empty((B, NC), **f32) if cand else out_max
-    cand_i = torch.empty((B, NC), **i64) if cand else out_arg
+    cand_v = fbuf[4 * B:].view(B, NC) if cand else out_max
+    cand_i = ibuf[B:].view(B, NC) if cand else out_arg
     stats = LogitStats(out_max, out_arg, out_lse, out_ent, out_vent)
     if B == 0:
         return (stats, cand_v, cand_i) if cand else (stats, None, None)
 
-    p = plan(B, V, NC, dev, layout, num_splits, block, num_warps, prefetch)
-    NS, KP, CAP = p["NS"], p["KP"], p["CAP"]
-    buf = torch.empty((B, NS, CAP) if cand else (1,), **i64)
-    consts = dict(BLOCK=p["BLOCK"], CAP=CAP, KP=KP, CAND=cand, PREFETCH=p["prefetch"],
+    NS, KP, CAP, CMODE, G, NB = p["NS"], p["KP"], p["CAP"], p["CMODE"], p["G"], p["NB"]
+    i64 = dict(device=dev, dtype=torch.int64)
+    buf = torch.empty((B, NS, CAP) if CMODE == 1 else (1,), **i64)
+    bmax = torch.empty((B, NB) if CMODE == 2 else (1,), device=dev, dtype=torch.float32)
+    consts = dict(BLOCK=p["BLOCK"], CAP=CAP, KP=KP, CMODE=CMODE, G=G, PREFETCH=p["prefetch"],
                   num_warps=p["num_warps"])
     if NS == 1:
         _logit_stats_kernel[(B, 1)](
             logits, logits.stride(0), V, p["CHUNK"], 1,
             out_max, out_arg, out_lse, out_ent, out_vent, cand_v, cand_i, NC,
-            out_max, out_arg, out_arg, out_arg, buf, FINAL=True, **consts)
+            out_max, out_arg, out_arg, out_arg, buf, bmax, NB, FINAL=True, **consts)
+        if CMODE == 2:
+            scratch = torch.empty((B, KP), **i64)
+            _candidates_kernel[(B,)](
+                logits, logits.stride(0), V, bmax, NB, scratch, cand_v, cand_i, NC,
+                G=G, NBP=p["NBP"], KP=KP, num_warps=p["cand_warps"])
     else:
-        part_f = torch.empty((B, NS, 4), **f32)
+        part_f = torch.empty((B, NS, 4), device=dev, dtype=torch.float32)
         part_i = torch.empty((B, NS), device=dev, dtype=torch.int32)
         part_k = torch.empty((B, NS, KP) if cand else (1,), **i64)
-        part_n = torch.empty((B, NS) if cand else (1,), device=dev, dtype=torch.int32)
+        part_n = torch.empty((B, NS) if CMODE == 1 else (1,), device=dev, dtype=torch.int32)
         _logit_stats_kernel[(B, NS)](
             logits, logits.stride(0), V, p["CHUNK"], NS,
             out_max, out_arg, out_lse, out_ent, out_vent, cand_v, cand_i, NC,
-            part_f, part_i, part_k, part_n, buf, FINAL=False, **consts)
+            part_f, part_i, part_k, part_n, buf, bmax, NB, FINAL=False, **consts)
         NSP = _next_pow2(NS)
+        warps = 4 if NSP * KP <= 2048 else 8
+        if CMODE == 2:
+            warps = max(warps, p["cand_warps"])
         _merge_kernel[(B,)](
             part_f, part_i, part_k, part_n, NS, V,
             out_max, out_arg, out_lse, out_ent, out_vent, cand_v, cand_i, NC,
-            NSP=NSP, KP=KP, CAND=cand, num_warps=4 if NSP * KP <= 2048 else 8)
+            logits, logits.stride(0), bmax, NB,
+            NSP=NSP, KP=KP, CMODE=CMODE, G=G, NBP=p["NBP"], num_warps=warps)
     return (stats, cand_v, cand_i) if cand else (stats, None, None)
