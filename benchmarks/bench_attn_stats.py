@@ -43,7 +43,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
+try:  # installed (scripts/setup.sh); a bare checkout takes it from the root
+    import entropix_vllm  # noqa: F401
+except ImportError:
     sys.path.insert(0, ROOT)
 
 
@@ -72,7 +74,7 @@ def parse_args():
                          "in vLLM at each batch and context, with the stock sampler and with "
                          "--sampler entropix; the layer shape then comes from the model's "
                          "config and the block size is vLLM CPU's 128")
-    ap.add_argument("--decode-tokens", type=int, default=16,
+    ap.add_argument("--decode-tokens", type=int, default=32,
                     help="decode steps timed per measurement (--decode-step)")
     ap.add_argument("--decode-worker", default=None, help=argparse.SUPPRESS)
     return ap.parse_args()
@@ -351,8 +353,8 @@ def decode_worker(args) -> None:
 
     For each batch B and context L: B prompts of L random token ids, served
     with ``max_tokens=1`` (prefill and one token) and ``max_tokens=1+N``
-    (``ignore_eos``); one decode step is the difference over N, the fastest
-    of three of each. Prefix caching stays on (vLLM's default), so after the
+    (``ignore_eos``), alternately five times; one decode step is the
+    difference of the fastest of each over N. Prefix caching stays on (vLLM's default), so after the
     first run every prompt but its last token is cached and the prefill
     adds little noise.
     """
@@ -387,8 +389,11 @@ def decode_worker(args) -> None:
                 return t
 
             run(1)
-            t1 = min(run(1) for _ in range(3))
-            tn = min(run(1 + N) for _ in range(3))
+            t1, tn = [], []
+            for _ in range(5):  # alternating, fastest of each
+                t1.append(run(1))
+                tn.append(run(1 + N))
+            t1, tn = min(t1), min(tn)
             res[f"{B},{L}"] = (tn - t1) / N * 1e3
     print("DECODE_RESULT " + json.dumps(res), flush=True)
 
@@ -442,7 +447,7 @@ def run_cpu(args):
     if steps:
         print(f"- one decode step: vLLM `LLM.generate` of {os.path.basename(decode_model_path(args.decode_step).rstrip('/'))}"
               f" (fp32), (time for 1 + {args.decode_tokens} tokens - time for 1) / "
-              f"{args.decode_tokens}, fastest of 3, prefix cache warm; engine with the stock "
+              f"{args.decode_tokens}, fastest of 5 alternating runs each, prefix cache warm; engine with the stock "
               f"sampler and with `sampler=entropix` (which includes the attention capture "
               f"and statistics); vLLM's own threads, not --threads\n")
     cols = ["batch", "context", "read K once, torch (ms)", "cpp (ms)", "cpp / read",
@@ -477,7 +482,7 @@ def run_cpu(args):
                     q, k, bt, sl, scale, max_seq_len=L), min_time=0.0, max_reps=1)))
             if steps:
                 st, se = steps["default"][f"{B},{L}"], steps["entropix"][f"{B},{L}"]
-                row += [fmt(st), fmt(None if t_cpp is None else t_cpp / st, 2), fmt(se),
+                row += [fmt(st), fmt(None if t_cpp is None else t_cpp / st, 4), fmt(se),
                         fmt(se / st, 2)]
             print("| " + " | ".join(row) + " |", flush=True)
 

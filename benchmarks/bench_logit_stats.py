@@ -10,6 +10,8 @@ CUDA (``--device cuda``): for each batch x vocab (x dtype), times
   with candidates; and without them, "stats only"), its achieved bandwidth (bytes of logits read / time) and
   that bandwidth as a fraction of a device-to-device copy's bandwidth measured
   in the same run (``y.copy_(x)`` of the same tensor, 2 x bytes / time);
+  the default candidate method (block maxima) and the other one
+  (``candidates="stream"``) side by side;
 * "fused, graph": the same launch replayed from a CUDA graph
   (``do_bench_cudagraph``): small batches are otherwise dominated by the
   host's launch overhead, which vLLM's CUDA graphs remove;
@@ -44,7 +46,9 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
+try:  # installed (scripts/setup.sh); a bare checkout takes it from the root
+    import entropix_vllm  # noqa: F401
+except ImportError:
     sys.path.insert(0, ROOT)
 
 LN2 = math.log(2.0)
@@ -118,10 +122,12 @@ def cuda_main(args):
     if args.sweep:
         rows = []
         shapes = [(1, 128256), (8, 128256), (64, 128256), (256, 128256), (1024, 32000)]
-        configs = [dict(layout="row", block=b, num_warps=w, prefetch=pf)
+        configs = [dict(layout="row", block=b, num_warps=w, prefetch=pf, candidates=c)
+                   for c in ("blockmax", "stream")
                    for b, w in ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8))
                    for pf in (False, True)]
-        configs += [dict(layout="split", block=b, num_warps=w)
+        configs += [dict(layout="split", block=b, num_warps=w, candidates=c)
+                    for c in ("blockmax", "stream")
                     for b, w in ((1024, 4), (2048, 4), (2048, 8), (4096, 8))]
         for B, V in shapes:
             x = make(B, V, torch.float32)
@@ -137,9 +143,11 @@ def cuda_main(args):
                     rows.append((B, V, cfg, "error: " + type(e).__name__, "", ""))
                     continue
                 p = plan(B, V, K, dev, cfg["layout"], cfg.get("num_splits"), cfg["block"],
-                         cfg["num_warps"], cfg.get("prefetch", False))
-                rows.append((B, V, f"{cfg['layout']} blk={cfg['block']} w={cfg['num_warps']} "
-                             f"NS={p['NS']} pf={int(cfg.get('prefetch', False))}", f"{t * 1e3:.1f}", f"{nbytes / t / 1e6:.0f}",
+                         cfg["num_warps"], cfg.get("prefetch", False), cfg["candidates"])
+                rows.append((B, V, f"{cfg['candidates']} {cfg['layout']} blk={cfg['block']} "
+                             f"w={cfg['num_warps']} NS={p['NS']} "
+                             f"pf={int(cfg.get('prefetch', False))}", f"{t * 1e3:.1f}",
+                             f"{nbytes / t / 1e6:.0f}",
                              f"{(nbytes / t) / (2 * nbytes / t_copy):.2f}"))
             print(f"(sweep {B}x{V} done)", file=sys.stderr, flush=True)
         print("### Launch configuration sweep (fp32)\n")
@@ -155,6 +163,7 @@ def cuda_main(args):
                 nbytes = x.numel() * x.element_size()
                 t_copy = bench(lambda: y.copy_(x))
                 t_fused = bench(lambda: fused_logit_stats(x, K))
+                t_stream = bench(lambda: fused_logit_stats(x, K, candidates="stream"))
                 t_stats = bench(lambda: fused_logit_stats(x, 0))
                 try:  # replayed from a CUDA graph: no host launch overhead
                     t_graph = do_bench_cudagraph(lambda: fused_logit_stats(x, K), rep=args.rep,
@@ -179,8 +188,10 @@ def cuda_main(args):
                 rows.append((
                     str(dtype).replace("torch.", ""), B, V,
                     "row" if p["NS"] == 1 else f"split {p['NS']}",
-                    f"{t_stats * 1e3:.1f}", f"{t_fused * 1e3:.1f}", f"{t_graph * 1e3:.1f}", f"{fused_bw / 1e6:.0f}", f"{copy_bw / 1e6:.0f}",
+                    f"{t_stats * 1e3:.1f}", f"{t_fused * 1e3:.1f}", f"{t_graph * 1e3:.1f}",
+                    f"{fused_bw / 1e6:.0f}", f"{copy_bw / 1e6:.0f}",
                     f"{fused_bw / copy_bw:.2f}", f"{t_fused / (nbytes / copy_bw):.1f}",
+                    f"{t_stream * 1e3:.1f}", f"{(nbytes / t_stream) / copy_bw:.2f}",
                     f"{t_torch * 1e3:.1f}", f"{t_torch / t_fused:.1f}",
                     f"{t_comp * 1e3:.1f}" if t_comp == t_comp else "n/a",
                     f"{t_comp / t_fused:.1f}" if t_comp == t_comp else "n/a"))
@@ -189,7 +200,8 @@ def cuda_main(args):
     print("### Fused kernel vs copy bandwidth and the torch path\n")
     print(md_table(["dtype", "B", "V", "layout", "stats only (us)", "fused (us)",
                     "fused, graph (us)", "fused GB/s", "copy GB/s",
-                    "of copy bw", "x ideal", "torch (us)", "speed-up", "compiled (us)",
+                    "of copy bw", "x ideal", "fused, stream method (us)",
+                    "stream: of copy bw", "torch (us)", "speed-up", "compiled (us)",
                     "speed-up vs compiled"], rows))
 
 

@@ -32,7 +32,9 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
+try:  # installed (scripts/setup.sh); a bare checkout takes it from the root
+    import entropix_vllm  # noqa: F401
+except ImportError:
     sys.path.insert(0, ROOT)
 
 CUDA = torch.cuda.is_available()
