@@ -100,8 +100,8 @@ def _pack_key(v, ids):
     """int64 key of (float32 value, int32 id): larger value first, then lower id.
 
     The float's bits map to an int32 ordered like the float (a negative float
-    has its 31 low bits flipped; ``-0.0`` sorts just below ``+0.0``); the low
-    32 bits hold ``2**31 - 1 - id``.
+    has its 31 low bits flipped; ``-0.0`` is taken as ``+0.0``); the low 32
+    bits hold ``2**31 - 1 - id``.
     """
     return (_k32(v).to(tl.int64) << 32) | (0x7FFFFFFF - ids).to(tl.int64)
 
@@ -125,8 +125,9 @@ def _key_id(key):
 
 @triton.jit
 def _k32(v):
-    """int32 ordered like the float32 ``v`` (the high half of its key)."""
-    b = v.to(tl.int32, bitcast=True)
+    """int32 ordered like the float32 ``v`` (the high half of its key); ``-0.0``
+    maps to the same field as ``+0.0`` (equal values: the lower id first)."""
+    b = tl.where(v == 0.0, 0, v.to(tl.int32, bitcast=True))
     return b ^ ((b >> 31) & 0x7FFFFFFF)
 
 
