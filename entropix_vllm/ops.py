@@ -21,8 +21,10 @@ from typing import Optional, Tuple
 import torch
 
 from . import reference
-from .config import K_MAX
+from .config import K_MAX, EntropixConfig
 from .reference import AttnStats, LogitStats
+
+COEFF_NAMES = EntropixConfig.field_names()  # the columns of a coefficient table
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
 
@@ -160,6 +162,71 @@ def reference_sample_candidates(cand_vals, cand_ids, temperature, top_k, top_p, 
         best_c = torch.where(better, c, best_c)
         best_v = torch.where(better, v, best_v)
     return torch.gather(cand_ids, 1, best_c[:, None])[:, 0].long()
+
+
+def decide_and_sample(entropy: torch.Tensor, varentropy: torch.Tensor,
+                      attn: Optional[AttnStats], coeff_table: torch.Tensor,
+                      cand_vals: torch.Tensor, cand_ids: torch.Tensor, noise: torch.Tensor,
+                      argmax: torch.Tensor, cot_token: torch.Tensor, prev_is_cot: torch.Tensor,
+                      logits: torch.Tensor, backend: str = "auto"
+                      ) -> Tuple[torch.Tensor, reference.BranchParams]:
+    """The Entropix decision and the token of every row (SPEC sections 3 and 4).
+
+    entropy/varentropy ``[B]`` float32 (bits, bits^2; from
+    :func:`logit_stats_and_candidates`); ``attn``: the rows' figures or None
+    (zeros); ``coeff_table [B, len(EntropixConfig.field_names())]`` float64,
+    columns in that order; cand_vals/cand_ids ``[B, K]`` (K <= ``K_MAX``);
+    ``noise [B, N, K]`` Exp(1) float32; ``argmax [B]`` int64; ``cot_token [B]``
+    int64 (-1: none); ``prev_is_cot [B]`` bool; ``logits [B, V]`` (for the CoT
+    token's mask: ``-inf`` forbids it).
+
+    Per row: the branch and its parameters (``reference.branch_params``, in
+    float64); a draw among the candidates with them
+    (:func:`sample_candidates`, temperature/top_p/min_p in float32, top_k
+    clamped to 1..K_MAX, n_draws to 1..N); the token: the argmax for argmax
+    rows, rows whose entropy or varentropy is not finite and rows whose
+    temperature is not positive; the CoT token for insert rows unless the
+    previous generated token was already it, it is out of ``0..V-1`` or its
+    logit is not finite; the draw otherwise. Returns ``(tokens [B] int64,
+    BranchParams)`` with float32 temperature/top_p/min_p and int64 branch,
+    top_k, n_draws (for rows with non-finite figures the integer parameters
+    are unspecified). ``"triton"`` does all of it in one launch; the other
+    backends compose tensor ops (their draw on the backend's
+    :func:`sample_candidates`).
+    """
+    be = _resolve(backend, entropy)
+    if be == "triton":
+        from entropix_vllm.triton_kernels.entropix_decide import decide_and_sample as _tk
+        tokens, branch, t, k, p, mp, n = _tk(entropy, varentropy, attn, coeff_table, COEFF_NAMES,
+                                             cand_vals, cand_ids, noise, argmax, cot_token,
+                                             prev_is_cot, logits, K_MAX)
+        return tokens, reference.BranchParams(branch=branch, temperature=t, top_k=k, top_p=p,
+                                              min_p=mp, n_draws=n)
+    B, V = logits.shape
+    coeffs = {n: coeff_table[:, i] for i, n in enumerate(COEFF_NAMES)}
+    if attn is None:
+        attn = AttnStats.zeros(B, device=entropy.device)
+    p64 = reference.branch_params(entropy, varentropy, attn, coeffs, dtype=torch.float64)
+    params = reference.BranchParams(
+        branch=p64.branch, temperature=p64.temperature.float(), top_k=p64.top_k,
+        top_p=p64.top_p.float(), min_p=p64.min_p.float(), n_draws=p64.n_draws)
+    one = torch.ones_like(params.temperature)
+    sane = torch.isfinite(entropy) & torch.isfinite(varentropy)
+    draw_ok = sane & (params.branch != reference.ARGMAX) & (params.temperature > 0)
+    drawn = sample_candidates(
+        cand_vals, cand_ids,
+        torch.where(draw_ok, params.temperature, one),
+        params.top_k.clamp(1, K_MAX),
+        torch.where(draw_ok, params.top_p.clamp(1e-6, 1.0), one),
+        torch.where(draw_ok, params.min_p.clamp(0.0, 1.0 - 1e-6), torch.zeros_like(one)),
+        params.n_draws.clamp(1, noise.shape[1]),
+        noise, backend=be)
+    tokens = torch.where(draw_ok, drawn, argmax)
+    cot = cot_token.to(device=logits.device, dtype=torch.int64)
+    cot_logit = torch.gather(logits, 1, cot.clamp(0, V - 1)[:, None])[:, 0]
+    emit_cot = ((params.branch == reference.INSERT_COT) & sane & (cot >= 0) & (cot < V)
+                & torch.isfinite(cot_logit) & ~prev_is_cot.to(logits.device))
+    return torch.where(emit_cot, cot, tokens), params
 
 
 def seeded_exponential_noise(seeds: torch.Tensor, positions: torch.Tensor, num_draws: int,

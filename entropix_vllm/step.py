@@ -8,16 +8,17 @@ loop over rows:
 1. :func:`entropix_vllm.ops.logit_stats_and_candidates`: one read of the logits
    gives max, argmax, logsumexp, entropy, varentropy and the top ``K_MAX``
    candidates of every row;
-2. :func:`entropix_vllm.reference.branch_params` (vectorised tensor math on
-   ``[B]`` tensors, in float64 so that the threshold comparisons are exactly
-   those of SPEC section 3 on the float32 figures): branch code and
-   (T, top_k, top_p, min_p, n_draws) per row, from the logit and attention
-   figures and the row's coefficients;
-3. :func:`entropix_vllm.ops.sample_candidates`: min_p, top_k, top_p and the
-   exponential race on the candidates, ``n_draws`` draws, best by raw logit;
-4. argmax rows take the argmax; insert rows take the CoT token unless the
-   row's previous generated token was already that token or the token is
-   masked (its logit is ``-inf``), in which case they keep their draw.
+2. :func:`entropix_vllm.ops.decide_and_sample`: per row the branch and its
+   (T, top_k, top_p, min_p, n_draws) as :func:`entropix_vllm.reference.branch_params`
+   computes them (float64, so that the threshold comparisons are exactly
+   those of SPEC section 3 on the float32 figures), the draw among the
+   candidates (min_p, top_k, top_p, the exponential race over ``n_draws``
+   draws, best by raw logit), then the token: argmax rows take the argmax;
+   insert rows take the CoT token unless the row's previous generated token
+   was already that token or the token is masked (its logit is ``-inf``), in
+   which case they keep their draw. On CUDA this is one Triton launch
+   (``triton_kernels/entropix_decide.py``); elsewhere the same steps as
+   tensor ops.
 
 Rows whose logits hold NaN or ``+inf`` (an upstream fault) get the argmax
 branch's result (token of the first maximal finite entry as the kernels define
@@ -31,12 +32,19 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from . import ops, reference
+from . import ops
 from .config import K_MAX, EntropixConfig
-from .reference import ARGMAX, INSERT_COT, AttnStats, BranchParams, LogitStats
+from .reference import AttnStats, BranchParams, LogitStats
 
-COEFF_NAMES = EntropixConfig.field_names()
+COEFF_NAMES = ops.COEFF_NAMES
 _COEFF_INDEX = {n: i for i, n in enumerate(COEFF_NAMES)}
+
+
+class CoefficientColumns(dict):
+    """``{name: [B] view}`` of a ``[B, len(COEFF_NAMES)]`` float64 table, which
+    it keeps as ``.table`` (what the fused kernel reads)."""
+
+    table: torch.Tensor
 
 
 def coefficient_rows(configs: Sequence[EntropixConfig]) -> list:
@@ -44,9 +52,22 @@ def coefficient_rows(configs: Sequence[EntropixConfig]) -> list:
     return [[float(getattr(c, n)) for n in COEFF_NAMES] for c in configs]
 
 
-def coefficient_columns(table: torch.Tensor) -> dict:
+def coefficient_columns(table: torch.Tensor) -> CoefficientColumns:
     """``{name: table[:, i]}`` views of a ``[B, len(COEFF_NAMES)]`` table."""
-    return {n: table[:, i] for n, i in _COEFF_INDEX.items()}
+    cols = CoefficientColumns({n: table[:, i] for n, i in _COEFF_INDEX.items()})
+    cols.table = table
+    return cols
+
+
+def coefficient_table(coeffs: Mapping[str, torch.Tensor], batch: int, device) -> torch.Tensor:
+    """The ``[B, len(COEFF_NAMES)]`` float64 table behind ``coeffs`` (built
+    when ``coeffs`` is a plain mapping of tensors or numbers)."""
+    table = getattr(coeffs, "table", None)
+    if table is not None:
+        return table
+    cols = [torch.as_tensor(coeffs[n], dtype=torch.float64, device=device).expand(batch)
+            for n in COEFF_NAMES]
+    return torch.stack(cols, 1)
 
 
 def max_draws(configs: Sequence[EntropixConfig]) -> int:
@@ -86,32 +107,12 @@ def entropix_step(logits: torch.Tensor, attn: Optional[AttnStats],
     """
     B, V = logits.shape
     stats, cand_vals, cand_ids = ops.logit_stats_and_candidates(logits, K_MAX, backend=backend)
+    tokens, params = ops.decide_and_sample(
+        stats.entropy, stats.varentropy, attn, coefficient_table(coeffs, B, logits.device),
+        cand_vals, cand_ids, noise, stats.argmax, cot_token, prev_is_cot, logits,
+        backend=backend)
     if attn is None:
         attn = AttnStats.zeros(B, device=logits.device)
-    p64 = reference.branch_params(stats.entropy, stats.varentropy, attn, coeffs,
-                                  dtype=torch.float64)
-    params = BranchParams(branch=p64.branch, temperature=p64.temperature.float(),
-                          top_k=p64.top_k, top_p=p64.top_p.float(), min_p=p64.min_p.float(),
-                          n_draws=p64.n_draws)
-
-    one = torch.ones_like(params.temperature)
-    sane = torch.isfinite(stats.entropy) & torch.isfinite(stats.varentropy)
-    draw_ok = sane & (params.branch != ARGMAX) & (params.temperature > 0)
-    drawn = ops.sample_candidates(
-        cand_vals, cand_ids,
-        torch.where(draw_ok, params.temperature, one),
-        params.top_k.clamp(1, K_MAX),
-        torch.where(draw_ok, params.top_p.clamp(1e-6, 1.0), one),
-        torch.where(draw_ok, params.min_p.clamp(0.0, 1.0 - 1e-6), torch.zeros_like(one)),
-        params.n_draws.clamp(1, noise.shape[1]),
-        noise, backend=backend)
-    tokens = torch.where(draw_ok, drawn, stats.argmax)
-
-    cot = cot_token.to(device=logits.device, dtype=torch.int64)
-    cot_logit = torch.gather(logits, 1, cot.clamp(0, V - 1)[:, None])[:, 0]
-    emit_cot = ((params.branch == INSERT_COT) & sane & (cot >= 0) & (cot < V)
-                & torch.isfinite(cot_logit) & ~prev_is_cot.to(logits.device))
-    tokens = torch.where(emit_cot, cot, tokens)
     return StepResult(tokens=tokens, stats=stats, attn=attn, params=params)
 
 

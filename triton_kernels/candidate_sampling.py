@@ -26,21 +26,24 @@ import triton.language as tl
 
 
 @triton.jit
-def _sample_kernel(cv_ptr, ci_ptr, t_ptr, k_ptr, p_ptr, mp_ptr, n_ptr, q_ptr, out_ptr,
-                   K, N, s_cv, s_ci, s_qb, s_qj,
-                   KP: tl.constexpr):
-    row = tl.program_id(0)
+def sample_row(cv_row, ci_row, q_row, s_qj, K, N, temp, topk, top_p, mp, n,
+               KP: tl.constexpr):
+    """The token one row draws (steps 1-5 of the module docstring).
+
+    ``cv_row``/``ci_row``/``q_row`` point at the row's candidates, ids and
+    first draw of noise (draw j at ``q_row + j * s_qj``); ``temp``, ``top_p``,
+    ``mp`` are float64 scalars, ``topk`` and ``n`` int32 scalars. Returns the
+    token id (as loaded from ``ci_row``).
+    """
     NEG_INF = float("-inf")
     c = tl.arange(0, KP)
     ok = c < K
-    v = tl.load(cv_ptr + row.to(tl.int64) * s_cv + c, mask=ok, other=NEG_INF).to(tl.float64)
+    v = tl.load(cv_row + c, mask=ok, other=NEG_INF).to(tl.float64)
     finite = (v == v) & (tl.abs(v) != float("inf"))
-    temp = tl.load(t_ptr + row).to(tl.float64)
     s = tl.where(finite, v, NEG_INF) / temp
 
     # min_p relative to the best candidate
     mx = tl.max(s, axis=0)
-    mp = tl.load(mp_ptr + row).to(tl.float64)
     log_mp = tl.log(tl.where(mp > 0.0, mp, 1.0))
     log_mp = tl.where(mp > 0.0, log_mp, NEG_INF)
     keep = ((s - mx) >= log_mp) & (s > NEG_INF)
@@ -53,7 +56,6 @@ def _sample_kernel(cv_ptr, ci_ptr, t_ptr, k_ptr, p_ptr, mp_ptr, n_ptr, q_ptr, ou
     rank = tl.sum(ahead.to(tl.int32), axis=1)
 
     # top_k
-    topk = tl.load(k_ptr + row).to(tl.int32)
     keep_k = rank < topk
     ss = tl.where(keep_k, s, NEG_INF)
 
@@ -64,26 +66,35 @@ def _sample_kernel(cv_ptr, ci_ptr, t_ptr, k_ptr, p_ptr, mp_ptr, n_ptr, q_ptr, ou
     prob = ex / tl.where(z > 0.0, z, 1.0)
     upto = tl.sum(tl.where(rank[None, :] <= rank[:, None], prob[None, :], 0.0), axis=1)
     before = upto - prob
-    top_p = tl.load(p_ptr + row).to(tl.float64)
     kept = keep_k & (before < top_p) & (ss > NEG_INF)
     f = tl.where(kept, ss, NEG_INF)
 
     # exponential race, best raw value over the row's draws
-    n = tl.load(n_ptr + row).to(tl.int32)
-    qrow = q_ptr + row.to(tl.int64) * s_qb
-    q = tl.load(qrow + c, mask=ok, other=1.0).to(tl.float64)
+    q = tl.load(q_row + c, mask=ok, other=1.0).to(tl.float64)
     score = tl.where(kept, f - tl.log(q), NEG_INF)
     best_c = tl.argmax(score, axis=0, tie_break_left=True)
     best_v = tl.sum(tl.where(c == best_c, v, 0.0), axis=0)
     for j in range(1, N):
-        q = tl.load(qrow + j * s_qj + c, mask=ok, other=1.0).to(tl.float64)
+        q = tl.load(q_row + j * s_qj + c, mask=ok, other=1.0).to(tl.float64)
         score = tl.where(kept, f - tl.log(q), NEG_INF)
         cj = tl.argmax(score, axis=0, tie_break_left=True)
         vj = tl.sum(tl.where(c == cj, v, 0.0), axis=0)
         better = (j < n) & (vj > best_v)
         best_c = tl.where(better, cj, best_c)
         best_v = tl.where(better, vj, best_v)
-    tok = tl.load(ci_ptr + row.to(tl.int64) * s_ci + best_c)
+    return tl.load(ci_row + best_c)
+
+
+@triton.jit
+def _sample_kernel(cv_ptr, ci_ptr, t_ptr, k_ptr, p_ptr, mp_ptr, n_ptr, q_ptr, out_ptr,
+                   K, N, s_cv, s_ci, s_qb, s_qj,
+                   KP: tl.constexpr):
+    row = tl.program_id(0)
+    r64 = row.to(tl.int64)
+    tok = sample_row(cv_ptr + r64 * s_cv, ci_ptr + r64 * s_ci, q_ptr + r64 * s_qb, s_qj, K, N,
+                     tl.load(t_ptr + row).to(tl.float64), tl.load(k_ptr + row).to(tl.int32),
+                     tl.load(p_ptr + row).to(tl.float64), tl.load(mp_ptr + row).to(tl.float64),
+                     tl.load(n_ptr + row).to(tl.int32), KP)
     tl.store(out_ptr + row, tok.to(tl.int64))
 
 
