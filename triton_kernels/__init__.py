@@ -9,6 +9,7 @@ These modules import only torch, triton and the reference/config modules of
 
 * :func:`entropix_vllm.triton_kernels.logit_stats.fused_logit_stats`
 * :func:`entropix_vllm.triton_kernels.candidate_sampling.sample_candidates`
+* :func:`entropix_vllm.triton_kernels.entropix_decide.decide_and_sample`
 * :func:`entropix_vllm.triton_kernels.attn_stats.paged_attention_stats`
 
 Submodules are imported lazily by ``entropix_vllm.ops`` so that importing this
