@@ -91,6 +91,11 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 MAX_SPLITS = 64  # upper bound on vocabulary splits per row (merge kernel size)
 
+# candidate modes (the kernels' CMODE): none, "stream", "blockmax"
+NO_CANDIDATES = tl.constexpr(0)
+STREAM = tl.constexpr(1)
+BLOCKMAX = tl.constexpr(2)
+
 
 # ----------------------------------------------------------------------------
 # Keys and selection
@@ -255,7 +260,7 @@ def _logit_stats_kernel(
     ``[j*G, (j+1)*G)`` (NaN read as ``-inf``), for the ``NB`` blocks of the
     row that its ids cover.
     """
-    CAND: tl.constexpr = CMODE == 1
+    CAND: tl.constexpr = CMODE == STREAM
     row = tl.program_id(0)
     split = tl.program_id(1)
     base = x_ptr + row.to(tl.int64) * stride_b
@@ -264,7 +269,7 @@ def _logit_stats_kernel(
     prog = row.to(tl.int64) * NS + split
     buf = buf_ptr + prog * CAP
 
-    if CMODE == 2:  # tiles as [BLOCK // G, G]: one row per block of G ids
+    if CMODE == BLOCKMAX:  # tiles as [BLOCK // G, G]: one row per block of G ids
         ar = tl.arange(0, BLOCK // G)[:, None] * G + tl.arange(0, G)[None, :]
         bm_row = bmax_ptr + row.to(tl.int64) * NB
     else:
@@ -291,7 +296,7 @@ def _logit_stats_kernel(
         else:
             x = tl.load(base + offs, mask=inr, other=NEG_INF).to(tl.float32)
         xc = tl.where(x != x, NEG_INF, x)
-        if CMODE == 2:
+        if CMODE == BLOCKMAX:
             bm = tl.max(xc, axis=1)
             bidx = start // G + tl.arange(0, BLOCK // G)
             tl.store(bm_row + bidx, bm, mask=bidx * G < hi)
@@ -411,7 +416,7 @@ def _merge_kernel(
     """One program per row: merges the row's NS split partials (NSP >= NS);
     with ``CMODE == BLOCKMAX`` selects the candidates from the block maxima
     (``part_k[row, 0, :]`` is the scratch)."""
-    CAND: tl.constexpr = CMODE == 1
+    CAND: tl.constexpr = CMODE == STREAM
     row = tl.program_id(0)
     NEG_INF = float("-inf")
     s = tl.arange(0, NSP)
@@ -466,7 +471,7 @@ def _merge_kernel(
         n = _compact(rowk, keys, keep)
         _write_sorted(rowk, n, cand_v + row.to(tl.int64) * NC,
                       cand_i + row.to(tl.int64) * NC, NC, V, KP, 32)
-    if CMODE == 2:
+    if CMODE == BLOCKMAX:
         r64 = row.to(tl.int64)
         _blockmax_topk(x_ptr + r64 * stride_b, V, bmax_ptr + r64 * NB, NB,
                        part_k + (r64 * NS) * KP, cand_v + r64 * NC, cand_i + r64 * NC, NC,
@@ -511,11 +516,12 @@ def _plan(B: int, V: int, num_candidates: int, itemsize: int, sms: int, cuda: bo
         else:
             block = 2048 if split else 4096
     block = max(16, min(_next_pow2(block), _next_pow2(V)))
-    cmode = 0 if num_candidates == 0 else (2 if candidates == "blockmax" else 1)
+    cmode = (NO_CANDIDATES.value if num_candidates == 0 else
+             BLOCKMAX.value if candidates == "blockmax" else STREAM.value)
     # block maxima: blocks of G ids, 128 bytes of logits (one cache line) or
     # more so that a row has at most MAX_BLOCKS of them; a tile holds whole blocks
     g = max(128 // itemsize, _next_pow2(triton.cdiv(V, MAX_BLOCKS)))
-    if cmode == 2:
+    if cmode == BLOCKMAX.value:
         block = max(block, min(g, _next_pow2(V)))
     g = min(g, block)
     nb = triton.cdiv(V, g)
@@ -535,9 +541,9 @@ def _plan(B: int, V: int, num_candidates: int, itemsize: int, sms: int, cuda: bo
     # program per row without prefetch, the configuration of the statistics'
     # measured row.
     if num_warps is None:
-        num_warps = 8 if block >= 8192 or (cmode != 1 and not split) else 4
+        num_warps = 8 if block >= 8192 or (cmode != STREAM.value and not split) else 4
     if prefetch is None:
-        prefetch = not split and cuda and cmode == 1
+        prefetch = not split and cuda and cmode == STREAM.value
     gather = KP * g
     return dict(NS=ns, CHUNK=chunk, BLOCK=block, CAP=cap, KP=KP, num_warps=num_warps,
                 prefetch=bool(prefetch), CMODE=cmode, G=g, NB=nb, NBP=_next_pow2(nb),
@@ -624,8 +630,8 @@ def fused_logit_stats(logits: torch.Tensor, num_candidates: int = K_MAX, *,
 
     NS, KP, CAP, CMODE, G, NB = p["NS"], p["KP"], p["CAP"], p["CMODE"], p["G"], p["NB"]
     i64 = dict(device=dev, dtype=torch.int64)
-    buf = torch.empty((B, NS, CAP) if CMODE == 1 else (1,), **i64)
-    bmax = torch.empty((B, NB) if CMODE == 2 else (1,), device=dev, dtype=torch.float32)
+    buf = torch.empty((B, NS, CAP) if CMODE == STREAM.value else (1,), **i64)
+    bmax = torch.empty((B, NB) if CMODE == BLOCKMAX.value else (1,), device=dev, dtype=torch.float32)
     consts = dict(BLOCK=p["BLOCK"], CAP=CAP, KP=KP, CMODE=CMODE, G=G, PREFETCH=p["prefetch"],
                   num_warps=p["num_warps"])
     if NS == 1:
@@ -633,7 +639,7 @@ def fused_logit_stats(logits: torch.Tensor, num_candidates: int = K_MAX, *,
             logits, logits.stride(0), V, p["CHUNK"], 1,
             out_max, out_arg, out_lse, out_ent, out_vent, cand_v, cand_i, NC,
             out_max, out_arg, out_arg, out_arg, buf, bmax, NB, FINAL=True, **consts)
-        if CMODE == 2:
+        if CMODE == BLOCKMAX.value:
             scratch = torch.empty((B, KP), **i64)
             _candidates_kernel[(B,)](
                 logits, logits.stride(0), V, bmax, NB, scratch, cand_v, cand_i, NC,
@@ -642,14 +648,14 @@ def fused_logit_stats(logits: torch.Tensor, num_candidates: int = K_MAX, *,
         part_f = torch.empty((B, NS, 4), device=dev, dtype=torch.float32)
         part_i = torch.empty((B, NS), device=dev, dtype=torch.int32)
         part_k = torch.empty((B, NS, KP) if cand else (1,), **i64)
-        part_n = torch.empty((B, NS) if CMODE == 1 else (1,), device=dev, dtype=torch.int32)
+        part_n = torch.empty((B, NS) if CMODE == STREAM.value else (1,), device=dev, dtype=torch.int32)
         _logit_stats_kernel[(B, NS)](
             logits, logits.stride(0), V, p["CHUNK"], NS,
             out_max, out_arg, out_lse, out_ent, out_vent, cand_v, cand_i, NC,
             part_f, part_i, part_k, part_n, buf, bmax, NB, FINAL=False, **consts)
         NSP = _next_pow2(NS)
         warps = 4 if NSP * KP <= 2048 else 8
-        if CMODE == 2:
+        if CMODE == BLOCKMAX.value:
             warps = max(warps, p["cand_warps"])
         _merge_kernel[(B,)](
             part_f, part_i, part_k, part_n, NS, V,
