@@ -26,6 +26,13 @@ TORCH_LIBRARY(entropix, m) {
       "sample_candidates(Tensor cand_vals, Tensor cand_ids, Tensor temperature, Tensor top_k, "
       "Tensor top_p, Tensor min_p, Tensor n_draws, Tensor noise) -> Tensor");
   m.def(
+      "decide_and_sample(Tensor entropy, Tensor varentropy, Tensor? attn_entropy, "
+      "Tensor? attn_varentropy, Tensor? agreement, Tensor? interaction_strength, "
+      "Tensor coeff_table, int[] columns, Tensor cand_vals, Tensor cand_ids, Tensor noise, "
+      "Tensor argmax, Tensor cot_token, Tensor prev_is_cot, Tensor logits, int k_max) -> "
+      "(Tensor tokens, Tensor branch, Tensor temperature, Tensor top_k, Tensor top_p, "
+      "Tensor min_p, Tensor n_draws)");
+  m.def(
       "paged_attention_stats(Tensor q, Tensor key_cache, Tensor block_table, Tensor seq_lens, "
       "float scale) -> (Tensor attn_entropy, Tensor attn_varentropy, Tensor agreement, "
       "Tensor interaction_strength)");
@@ -38,12 +45,14 @@ TORCH_LIBRARY(entropix, m) {
 TORCH_LIBRARY_IMPL(entropix, CPU, m) {
   m.impl("logit_stats", &entropix::logit_stats_cpu);
   m.impl("sample_candidates", &entropix::sample_candidates_cpu);
+  m.impl("decide_and_sample", &entropix::decide_and_sample_cpu);
   m.impl("paged_attention_stats", &entropix::paged_attention_stats_cpu);
 }
 
 TORCH_LIBRARY_IMPL(entropix, Meta, m) {
   m.impl("logit_stats", &entropix::logit_stats_meta);
   m.impl("sample_candidates", &entropix::sample_candidates_meta);
+  m.impl("decide_and_sample", &entropix::decide_and_sample_meta);
   m.impl("paged_attention_stats", &entropix::paged_attention_stats_meta);
 }
 

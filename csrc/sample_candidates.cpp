@@ -32,6 +32,75 @@
 
 namespace entropix {
 
+int64_t sample_candidates_row(const float* v, const int64_t* ids, int64_t K, float temperature,
+                              int64_t top_k, float top_p_f, float min_p, int64_t n_draws,
+                              const float* zb, int64_t N, CandidateScratch& scratch) {
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  std::vector<double>& s = scratch.s;
+  std::vector<double>& filt = scratch.filt;
+  std::vector<int64_t>& order = scratch.order;
+  const double T = static_cast<double>(temperature);
+  // temperature and min_p
+  double mx = -inf;
+  for (int64_t c = 0; c < K; ++c) {
+    const double x = static_cast<double>(v[c]);
+    s[c] = std::isfinite(x) ? x / T : -inf;
+    mx = std::max(mx, s[c]);
+  }
+  const double log_mp = std::log(std::max(0.0, static_cast<double>(min_p)));
+  for (int64_t c = 0; c < K; ++c) {
+    const bool keep = std::isfinite(s[c]) && (s[c] - mx >= log_mp);
+    if (!keep) s[c] = -inf;
+  }
+  // descending order, ties by position
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) { return s[a] > s[c]; });
+  // top_k on that order
+  const int64_t kk = std::max<int64_t>(0, std::min<int64_t>(top_k, K));
+  std::fill(filt.begin(), filt.end(), -inf);
+  double m2 = -inf;
+  for (int64_t r = 0; r < kk; ++r) m2 = std::max(m2, s[order[r]]);
+  if (m2 > -inf) {
+    // top_p on the renormalised survivors, in the sorted order
+    double z = 0.0;
+    for (int64_t r = 0; r < kk; ++r) {
+      const double x = s[order[r]];
+      if (x > -inf) z += std::exp(x - m2);
+    }
+    const double top_p = static_cast<double>(top_p_f);
+    double cum = 0.0;
+    for (int64_t r = 0; r < kk; ++r) {
+      const double x = s[order[r]];
+      const double p = x > -inf ? std::exp(x - m2) / z : 0.0;
+      cum += p;
+      if (x > -inf && cum - p < top_p) filt[order[r]] = x;
+    }
+  }
+  // exponential races
+  const int64_t draws = std::min<int64_t>(N, std::max<int64_t>(1, n_draws));
+  int64_t best_c = 0;
+  double best_v = 0.0;
+  for (int64_t j = 0; j < draws; ++j) {
+    const float* zj = zb + j * K;
+    int64_t cj = 0;
+    double sc_best = -inf;
+    for (int64_t c = 0; c < K; ++c) {
+      if (!(filt[c] > -inf)) continue;
+      const double sc = filt[c] - std::log(static_cast<double>(zj[c]));
+      if (sc > sc_best) {
+        sc_best = sc;
+        cj = c;
+      }
+    }
+    const double vj = static_cast<double>(v[cj]);
+    if (j == 0 || vj > best_v) {
+      best_c = cj;
+      best_v = vj;
+    }
+  }
+  return ids[best_c];
+}
+
 at::Tensor sample_candidates_cpu(const at::Tensor& cand_vals_in, const at::Tensor& cand_ids_in,
                                  const at::Tensor& temperature_in, const at::Tensor& top_k_in,
                                  const at::Tensor& top_p_in, const at::Tensor& min_p_in,
@@ -78,75 +147,12 @@ at::Tensor sample_candidates_cpu(const at::Tensor& cand_vals_in, const at::Tenso
   const int64_t* n_p = ndraw.data_ptr<int64_t>();
   const float* z_p = noise.data_ptr<float>();
   int64_t* o_p = out.data_ptr<int64_t>();
-  constexpr double inf = std::numeric_limits<double>::infinity();
 
   at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-    std::vector<double> s(K), filt(K);
-    std::vector<int64_t> order(K);
+    CandidateScratch scratch(K);
     for (int64_t b = b0; b < b1; ++b) {
-      const float* v = v_p + b * K;
-      const double T = static_cast<double>(t_p[b]);
-      // temperature and min_p
-      double mx = -inf;
-      for (int64_t c = 0; c < K; ++c) {
-        const double x = static_cast<double>(v[c]);
-        s[c] = std::isfinite(x) ? x / T : -inf;
-        mx = std::max(mx, s[c]);
-      }
-      const double log_mp = std::log(std::max(0.0, static_cast<double>(mp_p[b])));
-      for (int64_t c = 0; c < K; ++c) {
-        const bool keep = std::isfinite(s[c]) && (s[c] - mx >= log_mp);
-        if (!keep) s[c] = -inf;
-      }
-      // descending order, ties by position
-      std::iota(order.begin(), order.end(), int64_t{0});
-      std::stable_sort(order.begin(), order.end(),
-                       [&](int64_t a, int64_t c) { return s[a] > s[c]; });
-      // top_k on that order
-      const int64_t kk = std::max<int64_t>(0, std::min<int64_t>(k_p[b], K));
-      std::fill(filt.begin(), filt.end(), -inf);
-      double m2 = -inf;
-      for (int64_t r = 0; r < kk; ++r) m2 = std::max(m2, s[order[r]]);
-      if (m2 > -inf) {
-        // top_p on the renormalised survivors, in the sorted order
-        double z = 0.0;
-        for (int64_t r = 0; r < kk; ++r) {
-          const double x = s[order[r]];
-          if (x > -inf) z += std::exp(x - m2);
-        }
-        const double top_p = static_cast<double>(pp_p[b]);
-        double cum = 0.0;
-        for (int64_t r = 0; r < kk; ++r) {
-          const double x = s[order[r]];
-          const double p = x > -inf ? std::exp(x - m2) / z : 0.0;
-          cum += p;
-          if (x > -inf && cum - p < top_p) filt[order[r]] = x;
-        }
-      }
-      // exponential races
-      const float* zb = z_p + b * N * K;
-      const int64_t draws = std::min<int64_t>(N, std::max<int64_t>(1, n_p[b]));
-      int64_t best_c = 0;
-      double best_v = 0.0;
-      for (int64_t j = 0; j < draws; ++j) {
-        const float* zj = zb + j * K;
-        int64_t cj = 0;
-        double sc_best = -inf;
-        for (int64_t c = 0; c < K; ++c) {
-          if (!(filt[c] > -inf)) continue;
-          const double sc = filt[c] - std::log(static_cast<double>(zj[c]));
-          if (sc > sc_best) {
-            sc_best = sc;
-            cj = c;
-          }
-        }
-        const double vj = static_cast<double>(v[cj]);
-        if (j == 0 || vj > best_v) {
-          best_c = cj;
-          best_v = vj;
-        }
-      }
-      o_p[b] = id_p[b * K + best_c];
+      o_p[b] = sample_candidates_row(v_p + b * K, id_p + b * K, K, t_p[b], k_p[b], pp_p[b],
+                                     mp_p[b], n_p[b], z_p + b * N * K, N, scratch);
     }
   });
   return out;

@@ -191,7 +191,8 @@ def decide_and_sample(entropy: torch.Tensor, varentropy: torch.Tensor,
     BranchParams)`` with float32 temperature/top_p/min_p and int64 branch,
     top_k, n_draws (for rows with non-finite figures the integer parameters
     are unspecified). ``"triton"`` does all of it in one launch; the other
-    backends compose tensor ops (their draw on the backend's
+    backends: ``"cpp"`` one C++ op (``csrc/decide.cpp``), ``"torch"`` tensor
+    ops on the reference (their draw on the reference's
     :func:`sample_candidates`).
     """
     be = _resolve(backend, entropy)
@@ -202,6 +203,29 @@ def decide_and_sample(entropy: torch.Tensor, varentropy: torch.Tensor,
                                              prev_is_cot, logits, K_MAX)
         return tokens, reference.BranchParams(branch=branch, temperature=t, top_k=k, top_p=p,
                                               min_p=mp, n_draws=n)
+    if be == "cpp" and hasattr(torch.ops.entropix, "decide_and_sample"):
+        a = ((attn.attn_entropy, attn.attn_varentropy, attn.agreement, attn.interaction_strength)
+             if attn is not None else (None,) * 4)
+        tokens, branch, t, k, p, mp, n = torch.ops.entropix.decide_and_sample(
+            entropy, varentropy, *a, coeff_table, _coeff_columns(), cand_vals, cand_ids, noise,
+            argmax, cot_token, prev_is_cot, logits, K_MAX)
+        return tokens, reference.BranchParams(branch=branch, temperature=t, top_k=k, top_p=p,
+                                              min_p=mp, n_draws=n)
+    return _decide_and_sample_tensor_ops(entropy, varentropy, attn, coeff_table, cand_vals,
+                                         cand_ids, noise, argmax, cot_token, prev_is_cot, logits,
+                                         "cpp" if be == "cpp" else "torch")
+
+
+@functools.lru_cache(maxsize=None)
+def _coeff_columns() -> list:
+    """Indices in COEFF_NAMES of the columns the fused decision ops read."""
+    from entropix_vllm.triton_kernels.entropix_decide import COEFF_COLUMNS
+    return [COEFF_NAMES.index(n) for n in COEFF_COLUMNS]
+
+
+def _decide_and_sample_tensor_ops(entropy, varentropy, attn, coeff_table, cand_vals, cand_ids,
+                                  noise, argmax, cot_token, prev_is_cot, logits, be):
+    """:func:`decide_and_sample` as tensor ops (what the fused kernels equal)."""
     B, V = logits.shape
     coeffs = {n: coeff_table[:, i] for i, n in enumerate(COEFF_NAMES)}
     if attn is None:

@@ -25,7 +25,7 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
   xdist=""
   python -c "import xdist" 2>/dev/null && xdist="-n 8"
   timeout 240 python -m pytest -q -p no:cacheprovider $xdist \
-    tests/test_triton_logit_stats.py tests/test_candidate_sampling.py tests/test_triton_decide.py \
+    tests/test_triton_logit_stats.py tests/test_candidate_sampling.py tests/test_decide.py \
     tests/test_triton_attn_stats.py \
     2>&1 | tee "$OUT/tests.log" | tail -15
   rc=${PIPESTATUS[0]}

@@ -1,6 +1,7 @@
-"""triton_kernels.entropix_decide (the Entropix decision and draw in one
-launch) against the tensor-op path of ``ops.decide_and_sample`` (built on
-``reference.branch_params`` and the reference candidate sampling).
+"""The fused Entropix decision and draw (``ops.decide_and_sample``): the Triton
+kernel (``triton_kernels/entropix_decide.py``) and the C++ op
+(``csrc/decide.cpp``) against the tensor-op path built on
+``reference.branch_params`` and the reference candidate sampling.
 
 Rows are drawn so that every branch of SPEC section 3 occurs, with figures
 exactly at the thresholds too, random valid coefficients per row, attention
@@ -8,7 +9,8 @@ figures present or absent, rows with non-finite figures, CoT tokens that are
 masked, out of range, absent or just emitted. Expected: the same tokens, the
 same branch codes and the same float32 temperature/top_p/min_p to the bit,
 the same integer top_k/n_draws where the figures are finite. Without CUDA the
-kernel runs in the Triton interpreter on CPU tensors.
+Triton kernel runs in the Triton interpreter on CPU tensors; the C++ op runs
+when the extension is built.
 """
 
 from __future__ import annotations
@@ -104,9 +106,15 @@ def to(case, device):
     return out
 
 
-def compare(case):
+HAS_CPP_OP = ops.cpp_available() and hasattr(torch.ops.entropix, "decide_and_sample")
+BACKENDS = ["triton", pytest.param("cpp", marks=pytest.mark.skipif(
+    not HAS_CPP_OP, reason="C++ extension without decide_and_sample"))]
+
+
+def compare(case, backend):
     want_tok, want = ops.decide_and_sample(**case, backend="torch")
-    got_tok, got = ops.decide_and_sample(**to(case, DEVICE), backend="triton")
+    dev = DEVICE if backend == "triton" else "cpu"
+    got_tok, got = ops.decide_and_sample(**to(case, dev), backend=backend)
     assert torch.equal(got.branch.cpu(), want.branch), (got.branch, want.branch)
     for f in ("temperature", "top_p", "min_p"):
         g_, w_ = getattr(got, f).cpu(), getattr(want, f)
@@ -120,22 +128,38 @@ def compare(case):
     return want
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_matches_tensor_ops(seed):
-    want = compare(make_case(B=40, V=500, seed=seed))
+def test_matches_tensor_ops(seed, backend):
+    want = compare(make_case(B=40, V=500, seed=seed), backend)
     # every branch occurred
     assert set(want.branch.tolist()) == {0, 1, 2, 3, 4}
 
 
-def test_without_attention_figures():
-    compare(make_case(B=24, V=300, seed=5, with_attn=False))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_attention_figures(backend):
+    compare(make_case(B=24, V=300, seed=5, with_attn=False), backend)
 
 
-def test_fewer_candidates_and_noise_than_kmax():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fewer_candidates_and_noise_than_kmax(backend):
     case = make_case(B=16, V=40, seed=9, n_noise=3)
     case["cand_vals"], case["cand_ids"] = reference.topk_candidates(case["logits"], 40)
     case["noise"] = case["noise"][:, :, :40].contiguous()
-    compare(case)
+    compare(case, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_logits_and_empty_batch(backend):
+    case = make_case(B=10, V=200, seed=13)
+    case["logits"] = case["logits"].bfloat16()
+    compare(case, backend)
+    empty = make_case(B=1, V=50, seed=1)
+    empty = {k: (v[:0] if isinstance(v, torch.Tensor) else v) for k, v in empty.items()}
+    empty["attn"] = None
+    dev = DEVICE if backend == "triton" else "cpu"
+    tok, params = ops.decide_and_sample(**to(empty, dev), backend=backend)
+    assert tok.shape == (0,) and params.branch.shape == (0,)
 
 
 def test_step_uses_the_fused_path_on_cuda_or_when_asked():
@@ -161,7 +185,8 @@ def test_step_uses_the_fused_path_on_cuda_or_when_asked():
     assert torch.equal(step.coefficient_table(plain, B, "cpu"), coeffs.table)
 
 
-def test_adaptive_top_k_rounds_half_to_even():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adaptive_top_k_rounds_half_to_even(backend):
     """K0 * (1 + ada_top_k_int * IS) = 40.5 and 67.5 exactly: torch.round gives
     40 and 68 (ties to even), and so must the kernel."""
     case = make_case(B=4, V=300, seed=11)
@@ -172,5 +197,5 @@ def test_adaptive_top_k_rounds_half_to_even():
     case["varentropy"] = torch.full((4,), 1.0)  # the adaptive branch
     case["attn"] = AttnStats(torch.ones(4), torch.ones(4), torch.zeros(4),
                              torch.tensor([1.0, 3.0, 1.0, 3.0]))
-    want = compare(case)
+    want = compare(case, backend)
     assert want.top_k.tolist() == [40, 68, 40, 68]
