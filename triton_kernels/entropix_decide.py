@@ -17,10 +17,11 @@ row does, in float64 like ``reference.branch_params``,
    unless the previous generated token was already it, it is out of range or
    its logit is ``-inf``/NaN (masked); the draw otherwise.
 
-Replaces the ~150 small tensor ops of the same steps in
-``step.entropix_step`` (each a kernel launch on a GPU) with one launch; its
+Replaces the ~180 small tensor ops of the same steps (the ``"torch"`` path of
+``ops.decide_and_sample``; each a kernel launch on a GPU) with one launch; its
 results equal those of the tensor-op path (the parameters to the last bit:
-the same float64 operations in the same order, no FMA contraction).
+the same float64 operations in the same order, no FMA contraction). The CPU
+twin is the C++ op ``entropix::decide_and_sample`` (``csrc/decide.cpp``).
 """
 
 from __future__ import annotations
