@@ -59,12 +59,9 @@ inline float fclamp(float x, float lo, float hi) {
   return std::isnan(x) ? x : std::min(std::max(x, lo), hi);
 }
 
-const float* row_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
-
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-decide_and_sample_cpu(const at::Tensor& entropy_in, const at::Tensor& varentropy_in,
+DecideOutputs decide_and_sample_cpu(const at::Tensor& entropy_in, const at::Tensor& varentropy_in,
                       const c10::optional<at::Tensor>& attn_entropy,
                       const c10::optional<at::Tensor>& attn_varentropy,
                       const c10::optional<at::Tensor>& agreement,
@@ -147,8 +144,8 @@ decide_and_sample_cpu(const at::Tensor& entropy_in, const at::Tensor& varentropy
 
   const float* ep = ent.data_ptr<float>();
   const float* vp = vent.data_ptr<float>();
-  const float* ap[4] = {has_attn ? row_ptr(a[0]) : nullptr, has_attn ? row_ptr(a[1]) : nullptr,
-                        has_attn ? row_ptr(a[2]) : nullptr, has_attn ? row_ptr(a[3]) : nullptr};
+  const float* ap[4] = {nullptr, nullptr, nullptr, nullptr};
+  for (int i = 0; has_attn && i < 4; ++i) ap[i] = a[i].data_ptr<float>();
   const double* tp = table.data_ptr<double>();
   const float* cvp = cv.data_ptr<float>();
   const int64_t* cip = ci.data_ptr<int64_t>();
@@ -236,8 +233,7 @@ decide_and_sample_cpu(const at::Tensor& entropy_in, const at::Tensor& varentropy
   return {tokens, branch, temperature, top_k, top_p, min_p, n_draws};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-decide_and_sample_meta(const at::Tensor& entropy, const at::Tensor& varentropy,
+DecideOutputs decide_and_sample_meta(const at::Tensor& entropy, const at::Tensor& varentropy,
                        const c10::optional<at::Tensor>& attn_entropy,
                        const c10::optional<at::Tensor>& attn_varentropy,
                        const c10::optional<at::Tensor>& agreement,

@@ -47,8 +47,9 @@ at::Tensor sample_candidates_meta(const at::Tensor& cand_vals, const at::Tensor&
 // The Entropix decision and draw of every row (ops.decide_and_sample):
 // -> (tokens i64, branch i64, temperature f32, top_k i64, top_p f32, min_p f32,
 //     n_draws i64), each [B].
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-decide_and_sample_cpu(const at::Tensor& entropy, const at::Tensor& varentropy,
+using DecideOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+DecideOutputs decide_and_sample_cpu(const at::Tensor& entropy, const at::Tensor& varentropy,
                       const c10::optional<at::Tensor>& attn_entropy,
                       const c10::optional<at::Tensor>& attn_varentropy,
                       const c10::optional<at::Tensor>& agreement,
@@ -58,8 +59,7 @@ decide_and_sample_cpu(const at::Tensor& entropy, const at::Tensor& varentropy,
                       const at::Tensor& noise, const at::Tensor& argmax,
                       const at::Tensor& cot_token, const at::Tensor& prev_is_cot,
                       const at::Tensor& logits, int64_t k_max);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-decide_and_sample_meta(const at::Tensor& entropy, const at::Tensor& varentropy,
+DecideOutputs decide_and_sample_meta(const at::Tensor& entropy, const at::Tensor& varentropy,
                        const c10::optional<at::Tensor>& attn_entropy,
                        const c10::optional<at::Tensor>& attn_varentropy,
                        const c10::optional<at::Tensor>& agreement,

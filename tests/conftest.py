@@ -4,11 +4,22 @@ Without a CUDA device the Triton kernels run in the Triton interpreter on CPU
 tensors; ``TRITON_INTERPRET`` must be set before any ``@triton.jit`` function
 is defined (i.e. before ``triton_kernels`` modules are imported), so it is set
 here, ahead of every test module.
+
+The package is imported as installed (``scripts/setup.sh``: editable, with
+its C++ extension); a bare checkout without an install (a GPU machine with
+only torch and Triton, ``scripts/gpu_check.sh``) takes it from the repository
+root instead.
 """
 
 import os
+import sys
 
 import torch
+
+try:
+    import entropix_vllm  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -16,16 +16,9 @@ when the extension is built.
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-try:  # installed (scripts/setup.sh); a bare checkout takes it from the root
-    import entropix_vllm  # noqa: F401
-except ImportError:
-    sys.path.insert(0, ROOT)
 
 CUDA = torch.cuda.is_available()
 if not CUDA:

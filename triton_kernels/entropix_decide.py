@@ -26,11 +26,55 @@ twin is the C++ op ``entropix::decide_and_sample`` (``csrc/decide.cpp``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .candidate_sampling import sample_row
+
+# branch codes (reference.ARGMAX ... reference.ADAPTIVE)
+ARGMAX = tl.constexpr(0)
+INSERT_COT = tl.constexpr(1)
+EXPLORE = tl.constexpr(2)
+RESAMPLE = tl.constexpr(3)
+ADAPTIVE = tl.constexpr(4)
+
+# the coefficient columns the kernel reads: (its launch-constant name, the
+# EntropixConfig field); the constant is that field's column in the table
+_COLUMN_ARGS = (
+    ("I_T0", "temperature"), ("I_P0", "top_p"), ("I_K0", "top_k"), ("I_M0", "min_p"),
+    ("I_LE", "low_ent_thresh"), ("I_ME", "med_ent_thresh"), ("I_HE", "high_ent_thresh"),
+    ("I_LV", "low_vent_thresh"), ("I_HV", "high_vent_thresh"),
+    ("I_HELV_OFF", "helv_attn_ent_offset"), ("I_HELV_COEF", "helv_attn_ent_coef"),
+    ("I_HELV_MAX", "helv_max_temp"),
+    ("I_LEHV_OFF", "lehv_interaction_strength_offset"),
+    ("I_LEHV_COEF", "lehv_interaction_strength_coef"), ("I_LEHV_MAX", "lehv_max_temp"),
+    ("I_LEHV_MINK", "lehv_min_top_k"), ("I_LEHV_AGREE", "lehv_top_k_agree_coef"),
+    ("I_HEHV_OFF", "hehv_attn_vent_offset"), ("I_HEHV_COEF", "hehv_attn_vent_coef"),
+    ("I_HEHV_MIN", "hehv_min_temp"), ("I_HEHV_ENT", "hehv_attn_ent_coef"),
+    ("I_HEHV_MINP", "hehv_min_top_p"),
+    ("I_NADA", "n_adaptive_samples"), ("I_A_TL", "ada_temp_logits"),
+    ("I_A_TA", "ada_temp_attn"), ("I_A_TG", "ada_temp_agree"), ("I_A_P", "ada_top_p"),
+    ("I_A_PMIN", "ada_top_p_min"), ("I_A_PMAX", "ada_top_p_max"),
+    ("I_A_KI", "ada_top_k_int"), ("I_A_KG", "ada_top_k_agree"),
+    ("I_A_KMIN", "ada_top_k_min"), ("I_A_KMAX", "ada_top_k_max"), ("I_A_M", "ada_min_p"),
+    ("I_A_MMIN", "ada_min_p_min"), ("I_A_MMAX", "ada_min_p_max"),
+)
+# the same columns in that order (also the order of the C++ op's `columns`)
+COEFF_COLUMNS = tuple(name for _, name in _COLUMN_ARGS)
+
+
+@functools.lru_cache(maxsize=None)
+def _column_constants(coeff_names: tuple) -> dict:
+    """``{launch-constant name: column}`` for a table with ``coeff_names`` columns."""
+    index = {n: i for i, n in enumerate(coeff_names)}
+    missing = [n for n in COEFF_COLUMNS if n not in index]
+    if missing:
+        raise ValueError(f"coeff_table: no column for {missing}")
+    return {arg: index[name] for arg, name in _COLUMN_ARGS}
+
 
 # branch codes (reference.ARGMAX ... reference.ADAPTIVE)
 ARGMAX = tl.constexpr(0)
@@ -202,24 +246,14 @@ def decide_and_sample(entropy, varentropy, attn, coeff_table, coeff_names, cand_
     temperature, top_k, top_p, min_p, n_draws)``."""
     B = entropy.shape[0]
     dev = entropy.device
-    tokens = torch.empty(B, device=dev, dtype=torch.int64)
-    ibuf = torch.empty(3, B, device=dev, dtype=torch.int64)
+    ibuf = torch.empty(4, B, device=dev, dtype=torch.int64)
     fbuf = torch.empty(3, B, device=dev, dtype=torch.float32)
-    branch, top_k, n_draws = ibuf.unbind(0)
+    tokens, branch, top_k, n_draws = ibuf.unbind(0)
     temperature, top_p, min_p = fbuf.unbind(0)
     out = (tokens, branch, temperature, top_k, top_p, min_p, n_draws)
     if B == 0:
         return out
-    index = {n: i for i, n in enumerate(coeff_names)}
-    missing = [n for n in COEFF_COLUMNS if n not in index]
-    if missing:
-        raise ValueError(f"coeff_table: no column for {missing}")
-    idx = {f"I_{k}": index[n] for k, n in zip(
-        ("T0", "P0", "K0", "M0", "LE", "ME", "HE", "LV", "HV",
-         "HELV_OFF", "HELV_COEF", "HELV_MAX", "LEHV_OFF", "LEHV_COEF", "LEHV_MAX",
-         "LEHV_MINK", "LEHV_AGREE", "HEHV_OFF", "HEHV_COEF", "HEHV_MIN", "HEHV_ENT",
-         "HEHV_MINP", "NADA", "A_TL", "A_TA", "A_TG", "A_P", "A_PMIN", "A_PMAX", "A_KI",
-         "A_KG", "A_KMIN", "A_KMAX", "A_M", "A_MMIN", "A_MMAX"), COEFF_COLUMNS)}
+    idx = _column_constants(tuple(coeff_names))
     table = coeff_table if coeff_table.stride(1) == 1 else coeff_table.contiguous()
     cv = cand_vals if cand_vals.stride(1) == 1 else cand_vals.contiguous()
     ci = cand_ids if cand_ids.stride(1) == 1 else cand_ids.contiguous()
