@@ -137,6 +137,8 @@ setup(
     python_requires=">=3.9",
     packages=_packages(),
     package_dir=PACKAGE_DIR,
+    # Built-in presets and the eval's shipped task files.
+    package_data={"entropix_vllm": ["presets/*.json", "eval/data/*.jsonl"]},
     # No torch / vllm pins here: the plugin runs inside whatever vLLM (and its
     # torch) is installed; pulling another one would replace the user's build.
     install_requires=[],

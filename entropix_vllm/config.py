@@ -12,13 +12,30 @@ its validation.
 
 Every invalid value raises :class:`EntropixConfigError` whose message names the
 key and the accepted range.
+
+Presets (:class:`Preset`) are named sets of coefficients: the built-ins of
+``entropix_vllm/presets/*.json`` (``classic``: SPEC section 3's defaults, what
+applies when no preset is named; ``smollm2-135m-instruct``: the bundled
+model's, made by ``python -m entropix_vllm.tune``) and JSON files the server
+loads at start-up. Order of precedence, lowest first:
+
+* engine: SPEC defaults < the engine's ``preset`` < the ``entropix`` section's
+  explicit coefficients;
+* request: the engine's coefficients, or, when the request names an
+  ``entropix_preset``, SPEC defaults < that preset (the engine's coefficients
+  do not apply then); < the request's ``entropix_<name>`` keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
+import os
+import re
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 # Number of candidates the fused logit kernels keep per row. Every branch must
@@ -27,6 +44,13 @@ K_MAX = 128
 
 REQUEST_PREFIX = "entropix_"
 REQUEST_SWITCH = "entropix"
+REQUEST_PRESET = REQUEST_PREFIX + "preset"
+
+#: Folder of the built-in presets (one ``<name>.json`` each).
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+#: The preset whose coefficients are SPEC section 3's defaults.
+DEFAULT_PRESET = "classic"
+_PRESET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 class EntropixConfigError(ValueError):
@@ -177,6 +201,8 @@ class EngineOptions:
     cot_token: Optional[Union[int, str]] = None  # None: resolved from the tokenizer
     trace_path: Optional[str] = None
     default_on: bool = True       # with --sampler entropix, requests use Entropix unless they opt out
+    preset: Optional[str] = None  # a built-in preset name or a JSON file (loaded at start-up)
+    presets: tuple = ()           # more preset files whose names requests may use
 
 
 _ENGINE_KEYS = {f.name for f in fields(EngineOptions)}
@@ -253,6 +279,127 @@ def parse_cot_token(value: Any, key: str) -> Union[int, str]:
     raise EntropixConfigError(key, f"expected a token id (integer >= 0) or a non-empty string, got {value!r}")
 
 
+# ----------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------
+_PRESET_FILE_KEYS = ("name", "description", "coefficients", "provenance")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named set of coefficient values (the rest keep SPEC defaults)."""
+
+    name: str
+    coefficients: Mapping[str, Any]
+    source: str = "built-in"
+    description: str = ""
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+
+    def config(self) -> "EntropixConfig":
+        """SPEC defaults with this preset's coefficients."""
+        return EntropixConfig().replace(self.coefficients, prefix=f"preset {self.name}: ")
+
+
+def parse_preset(data: Any, source: str, default_name: Optional[str] = None) -> Preset:
+    """A preset from its JSON form; errors name ``source`` and the key.
+
+    Form: ``{"name": str, "description": str, "coefficients": {name: value},
+    "provenance": {...}}`` (only ``coefficients`` is required; ``name``
+    defaults to ``default_name``), or a plain ``{name: value}`` mapping of
+    coefficients.
+    """
+    if not isinstance(data, Mapping):
+        raise EntropixConfigError(source, f"a preset must be a JSON object, got {type(data).__name__}")
+    if "coefficients" in data:
+        unknown = [k for k in data if k not in _PRESET_FILE_KEYS]
+        if unknown:
+            raise EntropixConfigError(source, f"unknown preset key {unknown[0]!r}; a preset file "
+                                              f"has {', '.join(_PRESET_FILE_KEYS)}")
+        coeffs = data["coefficients"]
+        if not isinstance(coeffs, Mapping):
+            raise EntropixConfigError(source + ": coefficients", "expected an object of coefficients")
+        name = data.get("name", default_name)
+        description = data.get("description", "")
+        provenance = data.get("provenance", {})
+        if not isinstance(description, str):
+            raise EntropixConfigError(source + ": description", "expected a string")
+        if not isinstance(provenance, Mapping):
+            raise EntropixConfigError(source + ": provenance", "expected an object")
+    else:
+        coeffs, name, description, provenance = data, default_name, "", {}
+    if not isinstance(name, str) or not _PRESET_NAME.match(name):
+        raise EntropixConfigError(source + ": name", "expected a preset name (letters, digits, "
+                                                     f"'.', '_', '-'), got {name!r}")
+    cfg = EntropixConfig().replace(dict(coeffs), prefix=f"{source}: coefficients.")
+    values = {k: getattr(cfg, k) for k in coeffs}
+    return Preset(name=name, coefficients=values, source=source, description=description,
+                  provenance=dict(provenance))
+
+
+def load_preset_file(path: str, key: str) -> Preset:
+    """A preset JSON file (``key`` names the setting that gave the path)."""
+    where = f"{key}: {path}"
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise EntropixConfigError(key, f"cannot read preset file {path!r}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EntropixConfigError(key, f"preset file {path!r} is not valid JSON: {e}") from None
+    return parse_preset(data, where, default_name=Path(path).stem)
+
+
+@functools.lru_cache(maxsize=1)
+def builtin_presets() -> Mapping[str, Preset]:
+    """The built-in presets by name (files of :data:`PRESET_DIR`)."""
+    out = {}
+    for path in sorted(PRESET_DIR.glob("*.json")):
+        preset = load_preset_file(str(path), f"built-in preset {path.name}")
+        if preset.name != path.stem:
+            raise EntropixConfigError(f"built-in preset {path.name}",
+                                      f"its name {preset.name!r} differs from the file name")
+        out[preset.name] = dataclasses.replace(preset, source="built-in")
+    if DEFAULT_PRESET not in out:
+        out[DEFAULT_PRESET] = Preset(DEFAULT_PRESET, {}, description="SPEC section 3's defaults")
+    return out
+
+
+def looks_like_path(value: str) -> bool:
+    return ("/" in value or "\\" in value or value.endswith(".json") or value.startswith("~")
+            or value.startswith(".") or os.sep in value)
+
+
+def _engine_preset(value: Any, key: str, known: Mapping[str, Preset]) -> Preset:
+    if not isinstance(value, str) or not value.strip():
+        raise EntropixConfigError(key, f"expected a preset name ({', '.join(known)}) or the path "
+                                       f"of a preset JSON file, got {value!r}")
+    value = value.strip()
+    if value in known:
+        return known[value]
+    if looks_like_path(value) or os.path.exists(value):
+        return load_preset_file(value, key)
+    raise EntropixConfigError(key, f"unknown preset {value!r}; built-in presets are "
+                                   f"{', '.join(known)}, or give the path of a preset JSON file")
+
+
+def request_preset(value: Any, key: str, known: Mapping[str, Preset]) -> Preset:
+    """The preset a request names: a name the server knows, never a path."""
+    if not isinstance(value, str):
+        raise EntropixConfigError(key, f"expected a preset name ({', '.join(known)}), got "
+                                       f"{type(value).__name__}")
+    name = value.strip()
+    if looks_like_path(name):
+        raise EntropixConfigError(key, "a request names a preset, it cannot give a file path "
+                                       "(preset files are loaded by the server at start-up: "
+                                       "--additional-config.entropix.preset=PATH); known presets: "
+                                       + ", ".join(known))
+    if name not in known:
+        shown = name if len(name) <= 100 else name[:100] + "..."
+        raise EntropixConfigError(key, f"unknown preset {shown!r}; this server knows "
+                                       + ", ".join(known))
+    return known[name]
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """What `additional_config` says about Entropix for a whole engine."""
@@ -260,6 +407,8 @@ class EngineConfig:
     enabled: bool = False
     sampler: EntropixConfig = field(default_factory=EntropixConfig)
     options: EngineOptions = field(default_factory=EngineOptions)
+    #: Presets requests may name: the built-ins and the files loaded at start-up.
+    presets: Mapping[str, Preset] = field(default_factory=builtin_presets)
 
     @classmethod
     def from_additional_config(cls, additional_config: Optional[Mapping[str, Any]]) -> "EngineConfig":
@@ -267,8 +416,10 @@ class EngineConfig:
 
         Keys of the ``entropix`` section are coefficient names of
         :class:`EntropixConfig` or engine options (``attn_layer``, ``cot_token``,
-        ``trace_path``, ``default_on``). Other top-level keys of
-        ``additional_config`` belong to other plugins and are left alone.
+        ``trace_path``, ``default_on``, ``preset``, ``presets``). The
+        coefficients are SPEC defaults, then the ``preset``'s, then the
+        section's own. Other top-level keys of ``additional_config`` belong to
+        other plugins and are left alone.
         """
         ac = dict(additional_config or {})
         sampler = ac.get("sampler", "default")
@@ -285,9 +436,50 @@ class EngineConfig:
                 opts[key] = value
             else:
                 coeffs[key] = value
-        cfg = EntropixConfig().replace(coeffs, prefix="additional_config.entropix.")
+        p = "additional_config.entropix."
+        known = dict(builtin_presets())
+        for path in _preset_paths(opts.get("presets"), p + "presets"):
+            loaded = load_preset_file(path, p + "presets")
+            _register(known, loaded, p + "presets")
+        chosen = None
+        if opts.get("preset") is not None:
+            chosen = _engine_preset(opts["preset"], p + "preset", known)
+            if chosen.source != "built-in":
+                _register(known, chosen, p + "preset")
+        values = dict(chosen.coefficients) if chosen else {}
+        values.update(coeffs)
+        try:
+            cfg = EntropixConfig().replace(values, prefix=p)
+        except EntropixConfigError as e:
+            if chosen is not None and e.key[len(p):] in chosen.coefficients \
+                    and e.key[len(p):] not in coeffs:
+                raise EntropixConfigError(
+                    p + "preset", f"preset {chosen.name!r}: {e}") from None
+            raise
         options = _parse_engine_options(opts)
-        return cls(enabled=(sampler == "entropix"), sampler=cfg, options=options)
+        if chosen is not None:
+            options = dataclasses.replace(options, preset=chosen.name)
+        return cls(enabled=(sampler == "entropix"), sampler=cfg, options=options, presets=known)
+
+
+def _preset_paths(value: Any, key: str) -> list:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [v for v in (x.strip() for x in value.split(",")) if v]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise EntropixConfigError(key, f"expected a list of preset file paths, got {value!r}")
+    return list(value)
+
+
+def _register(known: dict, preset: Preset, key: str) -> None:
+    old = known.get(preset.name)
+    if old is not None and old.source == "built-in":
+        raise EntropixConfigError(key, f"preset file {preset.source.split(': ', 1)[-1]!r} is named "
+                                       f"{preset.name!r}, the name of a built-in preset; rename it")
+    if old is not None and old.source != preset.source:
+        raise EntropixConfigError(key, f"two preset files are named {preset.name!r}")
+    known[preset.name] = preset
 
 
 def _parse_engine_options(opts: Mapping[str, Any]) -> EngineOptions:
@@ -312,6 +504,8 @@ def _parse_engine_options(opts: Mapping[str, Any]) -> EngineOptions:
         kw["trace_path"] = v
     if "default_on" in opts:
         kw["default_on"] = parse_bool(opts["default_on"], p + "default_on")
+    if opts.get("presets") is not None:
+        kw["presets"] = tuple(_preset_paths(opts["presets"], p + "presets"))
     return EngineOptions(**kw)
 
 
@@ -327,32 +521,42 @@ class RequestConfig:
     enabled: Optional[bool] = None
     overrides: Mapping[str, Any] = field(default_factory=dict)
     cot_token: Optional[Union[int, str]] = None
+    preset: Optional[str] = None
 
 
 def parse_request_args(extra_args: Optional[Mapping[str, Any]],
-                       base: Optional[EntropixConfig] = None) -> tuple[RequestConfig, EntropixConfig]:
+                       base: Optional[EntropixConfig] = None,
+                       presets: Optional[Mapping[str, Preset]] = None
+                       ) -> tuple[RequestConfig, EntropixConfig]:
     """Validate the flat per-request keys of ``extra_args``.
 
-    Returns the parsed request options and the effective coefficients (``base``
-    with the overrides applied; cross-field limits are checked on the result).
-    Keys not starting with ``entropix`` belong to others and are ignored here.
-    Unknown ``entropix_*`` keys raise.
+    Returns the parsed request options and the effective coefficients: ``base``
+    (the engine's), or the named ``entropix_preset`` (one of ``presets``,
+    default: the built-ins), with the overrides applied; cross-field limits are
+    checked on the result. Keys not starting with ``entropix`` belong to others
+    and are ignored here. Unknown ``entropix_*`` keys raise.
     """
+    if not isinstance(extra_args, (Mapping, type(None))):
+        raise EntropixConfigError("vllm_xargs", f"expected a mapping, got {extra_args!r}")
     base = base or EntropixConfig()
     enabled: Optional[bool] = None
     overrides: dict[str, Any] = {}
     cot = None
+    preset = None
     for key, value in (extra_args or {}).items():
         if key == REQUEST_SWITCH:
             enabled = parse_bool(value, key)
+        elif key == REQUEST_PRESET:
+            preset = request_preset(value, key, builtin_presets() if presets is None else presets)
         elif key.startswith(REQUEST_PREFIX):
             name = key[len(REQUEST_PREFIX):]
             if name == "cot_token":
                 cot = parse_cot_token(value, key)
             else:
                 overrides[name] = value
-    if not isinstance(extra_args, (Mapping, type(None))):
-        raise EntropixConfigError("vllm_xargs", f"expected a mapping, got {extra_args!r}")
+    if preset is not None:
+        base = preset.config()
     cfg = base.replace(overrides, prefix=REQUEST_PREFIX)
     parsed = {k: getattr(cfg, k) for k in overrides}
-    return RequestConfig(enabled=enabled, overrides=parsed, cot_token=cot), cfg
+    return (RequestConfig(enabled=enabled, overrides=parsed, cot_token=cot,
+                          preset=preset.name if preset else None), cfg)

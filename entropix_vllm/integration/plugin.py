@@ -201,7 +201,7 @@ def validate_request_args(extra_args, vllm_config, tokenizer=None):
             parameter=f"vllm_xargs.{k}", value=extra_args[k])
     engine = engine_config(vllm_config)
     try:
-        req, _ = parse_request_args(extra_args, engine.sampler)
+        req, _ = parse_request_args(extra_args, engine.sampler, engine.presets)
         if req.cot_token is not None:
             vocab = vllm_config.model_config.get_vocab_size()
             tid = resolve_cot_token(req.cot_token, tokenizer, vocab, "entropix_cot_token")

@@ -180,7 +180,7 @@ class EntropixRuntime:
     def parse_row(self, sampling_params) -> RowConfig:
         """A request's settings from its ``SamplingParams`` (not cached)."""
         extra = getattr(sampling_params, "extra_args", None) or {}
-        req, cfg = parse_request_args(extra, self.engine.sampler)
+        req, cfg = parse_request_args(extra, self.engine.sampler, self.engine.presets)
         enabled = self.options.default_on if req.enabled is None else req.enabled
         cot = self.cot_token_id
         if req.cot_token is not None:
