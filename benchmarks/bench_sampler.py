@@ -103,7 +103,7 @@ def main(argv=None):
                 f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                 f"{torch.get_num_threads()} torch threads")
     print(f"- device: {dev_name}; vLLM {vllm.__version__}; torch {torch.__version__}; "
-          f"Entropix logit backend: {ops._resolve('auto', torch.empty(1, 1, device=device))}")
+          f"Entropix backends: {ops.describe(torch.device(device).type)}")
     print(f"- stock rows: temperature {args.temperature}, top_k {args.top_k or 'off'}, "
           f"top_p {args.top_p if args.top_p < 1 else 'off'}; Entropix: default settings, "
           f"{cfg.n_adaptive_samples} draws of noise, attention figures: {args.attn}; "
@@ -114,9 +114,7 @@ def main(argv=None):
             g = torch.Generator().manual_seed(B * 31 + V)
             logits = (torch.randn(B, V, generator=g) * 3.0).to(device)
             md = stock_metadata(B, args, device)
-            table = torch.tensor(step.coefficient_rows([cfg] * B), dtype=torch.float64,
-                                 device=device).reshape(B, -1)
-            coeffs = step.coefficient_columns(table)
+            table = step.coefficient_table([cfg] * B, device)
             cot = torch.full((B,), 4563 % V, dtype=torch.int64, device=device)
             prev = torch.zeros(B, dtype=torch.bool, device=device)
             if args.attn == "zeros":
@@ -131,7 +129,7 @@ def main(argv=None):
             def entropix():
                 noise = torch.empty(B, cfg.n_adaptive_samples, K_MAX,
                                     device=device).exponential_()
-                return step.entropix_step(logits, attn, coeffs, cot, prev, noise).tokens
+                return step.entropix_step(logits, attn, table, cot, prev, noise).tokens
 
             t_clone = timed(lambda: logits.clone(), device, args.min_time / 4)
             t_s = timed(stock, device, args.min_time) - t_clone

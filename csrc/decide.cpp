@@ -1,7 +1,7 @@
 // entropix::decide_and_sample for CPU tensors: the Entropix decision and the
 // token of every row (ops.decide_and_sample is the contract; the tensor-op
-// path there, built on reference.branch_params, is what this equals bit for
-// bit).
+// path of torch_ops.decide_and_sample, built on reference.branch_params, is
+// what this equals bit for bit).
 //
 // Per row b, in float64 on the float32 figures:
 //   branch: SPEC section 3, the first matching rule wins;
@@ -10,13 +10,14 @@
 //   half to even), picked by the branch (argmax: T 0, top_k 1, top_p 1,
 //   min_p 0, one draw);
 //   the draw (sample_candidates_row) with T, top_p, min_p rounded to float32
-//   and clamped in float32 (top_p to [1e-6, 1], min_p to [0, 1 - 1e-6]),
+//   and clamped in float32 (top_p to [kTopPMin, kTopPMax], min_p to
+//   [kMinPMin, kMinPMax]),
 //   top_k clamped to [1, k_max], n_draws to [1, N]; only for rows whose
 //   figures are finite, whose branch is not argmax and whose float32
 //   temperature is > 0 (the others take the argmax);
 //   the CoT token for insert rows whose figures are finite when it lies in
 //   [0, V), its logit is finite and the previous generated token was not it.
-// The columns argument gives, for each name of kColumns below, its column in
+// The columns argument gives, for each enumerator of Col below, its column in
 // coeff_table.
 
 #include <ATen/core/Tensor.h>
@@ -34,7 +35,9 @@
 namespace entropix {
 namespace {
 
-// Column order of the `columns` argument (entropix_decide.COEFF_COLUMNS).
+// Column order of the `columns` argument: entropix_vllm/contract.py's
+// DECIDE_COLUMNS, whose short names these are (tests/test_contract.py reads
+// this enum and compares).
 enum Col : int {
   T0, P0, K0, M0, LE, ME, HE, LV, HV,
   HELV_OFF, HELV_COEF, HELV_MAX, LEHV_OFF, LEHV_COEF, LEHV_MAX, LEHV_MINK, LEHV_AGREE,
@@ -43,7 +46,15 @@ enum Col : int {
   NUM_COLS
 };
 
+// contract.ARGMAX ... contract.ADAPTIVE (compared by tests/test_contract.py).
 enum Branch : int64_t { ARGMAX = 0, INSERT_COT = 1, EXPLORE = 2, RESAMPLE = 3, ADAPTIVE = 4 };
+
+// Clamps of the drawn parameters: contract.TOP_P_MIN, TOP_P_MAX, MIN_P_MIN,
+// MIN_P_MAX, as float32 (compared by tests/test_contract.py).
+constexpr float kTopPMin = 1e-6f;
+constexpr float kTopPMax = 1.0f;
+constexpr float kMinPMin = 0.0f;
+constexpr float kMinPMax = static_cast<float>(1.0 - 1e-6);
 
 // torch.maximum / torch.minimum: NaN in either operand gives NaN.
 inline double tmax(double a, double b) {
@@ -219,7 +230,7 @@ DecideOutputs decide_and_sample_cpu(const at::Tensor& entropy_in, const at::Tens
       if (sane && code != ARGMAX && t32 > 0.0f) {
         tok = sample_candidates_row(
             cvp + b * K, cip + b * K, K, t32, std::min<int64_t>(std::max<int64_t>(k64, 1), k_max),
-            fclamp(p32, 1e-6f, 1.0f), fclamp(m32, 0.0f, static_cast<float>(1.0 - 1e-6)),
+            fclamp(p32, kTopPMin, kTopPMax), fclamp(m32, kMinPMin, kMinPMax),
             std::min<int64_t>(std::max<int64_t>(n64, 1), N), zp + b * N * K, N, scratch);
       }
       const int64_t cot = cotp[b];

@@ -38,9 +38,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-# Number of candidates the fused logit kernels keep per row. Every branch must
-# sample with a top_k no larger than this (validated below).
-K_MAX = 128
+# Number of candidates the fused logit kernels keep per row (owned by
+# contract.py). Every branch must sample with a top_k no larger than this
+# (validated below).
+from .contract import K_MAX
 
 REQUEST_PREFIX = "entropix_"
 REQUEST_SWITCH = "entropix"

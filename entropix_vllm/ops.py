@@ -1,32 +1,122 @@
-"""The only door to the kernels: dispatch by device and backend.
+"""The only door to the kernels: every op, and which backend runs it.
 
-Backends:
+Backends, per op (:data:`IMPLEMENTATIONS`):
 
-* ``"triton"``: the fused Triton kernels in ``triton_kernels/`` (CUDA tensors;
-  CPU tensors too when ``TRITON_INTERPRET=1`` is set before triton is imported).
-* ``"cpp"``: the C++ ops built from ``csrc/`` (``torch.ops.entropix.*``), CPU.
-* ``"torch"``: the reference implementation (``entropix_vllm.reference``).
-* ``"auto"``: Triton on CUDA tensors, C++ on CPU tensors, the reference when the
-  chosen backend is not available.
+* ``"triton"``: the Triton kernels of ``triton_kernels/`` (CUDA tensors; CPU
+  tensors too when ``TRITON_INTERPRET=1`` is set before triton is imported,
+  and only when asked for by name);
+* ``"cpp"``: the C++ ops built from ``csrc/`` (``torch.ops.entropix.*``), CPU;
+* ``"torch"``: ``torch_ops.py``, plain torch on the reference, any device.
 
-Every entry point has the same semantics on every backend; the tests compare
-each backend with the float64 reference.
+``"auto"`` picks, per op and device type, the first available of
+:data:`AUTO_ORDER`: Triton then torch on CUDA, C++ then torch on CPU. The choice
+is made once per (op, backend, device type) and cached
+(:func:`resolve`); a CPU tensor never makes this module import Triton.
+Every op has the same semantics on every backend; the tests compare each
+backend with the float64 reference.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+import importlib
+import importlib.util
+import logging
+from typing import Callable, Optional, Tuple
 
 import torch
 
-from . import reference
-from .config import K_MAX, EntropixConfig
-from .reference import AttnStats, LogitStats
+from . import torch_ops
+from .contract import K_MAX, NOISE_OFFSET_STRIDE, AttnStats, BranchParams, LogitStats, \
+    decide_column_indices
 
-COEFF_NAMES = EntropixConfig.field_names()  # the columns of a coefficient table
+logger = logging.getLogger("vllm.entropix")
+
+COEFF_NAMES = torch_ops.COEFF_NAMES  # the columns of a coefficient table
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
+#: What "auto" tries, in order, per device type (any other device: torch).
+AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")}
+
+#: The columns of COEFF_NAMES the fused decision reads (contract.DECIDE_COLUMNS order).
+DECIDE_COLUMNS = decide_column_indices(COEFF_NAMES)
+
+
+# ----------------------------------------------------------------------------
+# The C++ ops, adapted to the implementations' common signatures
+# ----------------------------------------------------------------------------
+def _cpp_logit_stats(logits, num_candidates):
+    mx, am, lse, ent, vent, cv, ci = torch.ops.entropix.logit_stats(logits.contiguous(),
+                                                                    num_candidates)
+    stats = LogitStats(mx, am, lse, ent, vent)
+    return (stats, cv, ci) if num_candidates else (stats, None, None)
+
+
+def _cpp_sample_candidates(cand_vals, cand_ids, temperature, top_k, top_p, min_p, n_draws,
+                           noise):
+    return torch.ops.entropix.sample_candidates(
+        cand_vals.contiguous(), cand_ids.contiguous(), temperature.float().contiguous(),
+        top_k.long().contiguous(), top_p.float().contiguous(), min_p.float().contiguous(),
+        n_draws.long().contiguous(), noise.float().contiguous())
+
+
+def _cpp_decide_and_sample(entropy, varentropy, attn, coeff_table, columns, cand_vals, cand_ids,
+                           noise, argmax, cot_token, prev_is_cot, logits):
+    a = ((attn.attn_entropy, attn.attn_varentropy, attn.agreement, attn.interaction_strength)
+         if attn is not None else (None,) * 4)
+    tokens, branch, t, k, p, mp, n = torch.ops.entropix.decide_and_sample(
+        entropy, varentropy, *a, coeff_table, list(columns), cand_vals, cand_ids, noise,
+        argmax, cot_token, prev_is_cot, logits, K_MAX)
+    return tokens, BranchParams(branch=branch, temperature=t, top_k=k, top_p=p, min_p=mp,
+                                n_draws=n)
+
+
+def _cpp_paged_attention_stats(q, key_cache, block_table, seq_lens, scale):
+    return AttnStats(*torch.ops.entropix.paged_attention_stats(q, key_cache, block_table,
+                                                               seq_lens, float(scale)))
+
+
+# ----------------------------------------------------------------------------
+# The per-op table
+# ----------------------------------------------------------------------------
+def _triton(module: str, name: str):
+    return ("triton", f"entropix_vllm.triton_kernels.{module}", name)
+
+
+def _cpp(op_name: str, fn: Callable):
+    return ("cpp", op_name, fn)
+
+
+#: op -> {backend: how to get its implementation}. Triton: (module, function),
+#: imported on first use; C++: the ``torch.ops.entropix`` op it needs and the
+#: adapter; torch: the function of ``torch_ops``.
+IMPLEMENTATIONS = {
+    "logit_stats": {
+        "triton": _triton("logit_stats", "fused_logit_stats"),
+        "cpp": _cpp("logit_stats", _cpp_logit_stats),
+        "torch": torch_ops.logit_stats_and_candidates,
+    },
+    "sample_candidates": {
+        "triton": _triton("candidate_sampling", "sample_candidates"),
+        "cpp": _cpp("sample_candidates", _cpp_sample_candidates),
+        "torch": torch_ops.sample_candidates,
+    },
+    "decide_and_sample": {
+        "triton": _triton("entropix_decide", "decide_and_sample"),
+        "cpp": _cpp("decide_and_sample", _cpp_decide_and_sample),
+        "torch": torch_ops.decide_and_sample,
+    },
+    "seeded_noise": {
+        "triton": _triton("seeded_noise", "seeded_exponential_noise"),
+        "torch": torch_ops.seeded_exponential_noise,
+    },
+    "paged_attention_stats": {
+        "triton": _triton("attn_stats", "paged_attention_stats"),
+        "cpp": _cpp("paged_attention_stats", _cpp_paged_attention_stats),
+        "torch": torch_ops.paged_attention_stats,
+    },
+}
+OPS = tuple(IMPLEMENTATIONS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,6 +131,7 @@ def cpp_available() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
+    """True when triton and the kernels import (this imports triton)."""
     try:
         import triton  # noqa: F401
 
@@ -50,23 +141,74 @@ def triton_available() -> bool:
     return True
 
 
-def _resolve(backend: str, t: torch.Tensor) -> str:
+@functools.lru_cache(maxsize=None)
+def _load(op: str, backend: str) -> Optional[Callable]:
+    """The implementation of ``op`` on ``backend``, or None when unavailable."""
+    entry = IMPLEMENTATIONS[op].get(backend)
+    if entry is None:
+        return None
+    if backend == "torch":
+        return entry
+    if backend == "cpp":
+        _, op_name, fn = entry
+        return fn if cpp_available() and hasattr(torch.ops.entropix, op_name) else None
+    _, module, name = entry
+    if importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        return getattr(importlib.import_module(module), name)
+    except Exception as e:  # a broken Triton install: the next backend runs
+        logger.warning("Entropix: the Triton kernel %s.%s does not import (%s: %s)", module,
+                       name, type(e).__name__, e)
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def resolve(op: str, backend: str = "auto", device_type: str = "cpu") -> str:
+    """The backend that runs ``op`` for ``backend`` on tensors of ``device_type``.
+
+    A named backend must exist for the op (ValueError) and be available
+    (RuntimeError); ``"auto"`` takes the first available of :data:`AUTO_ORDER`.
+    """
+    if op not in IMPLEMENTATIONS:
+        raise ValueError(f"op: expected one of {OPS}, got {op!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    table = IMPLEMENTATIONS[op]
     if backend != "auto":
-        if backend == "cpp" and not cpp_available():
-            raise RuntimeError("backend 'cpp' requested but the entropix C++ extension is not built "
-                               "(pip install -e . builds it)")
-        if backend == "triton" and not triton_available():
-            raise RuntimeError("backend 'triton' requested but triton is not importable")
+        if backend not in table:
+            raise ValueError(f"backend {backend!r}: {op} has no {backend} implementation "
+                             f"(it has {', '.join(table)})")
+        if _load(op, backend) is None:
+            why = {"cpp": "the entropix C++ extension is not built (pip install -e . builds "
+                          "it) or lacks this op",
+                   "triton": "triton or the Triton kernel is not importable"}[backend]
+            raise RuntimeError(f"backend {backend!r} requested for {op} but {why}")
         return backend
-    if t.is_cuda and triton_available():
-        return "triton"
-    if t.device.type == "cpu" and cpp_available():
-        return "cpp"
+    for be in AUTO_ORDER.get(device_type, ("torch",)):
+        if be in table and _load(op, be) is not None:
+            return be
     return "torch"
 
 
+def implementation(op: str, backend: str, device: torch.device) -> Callable:
+    """The function that runs ``op`` (resolved once per op, backend and device type)."""
+    return _implementation(op, backend, device.type)
+
+
+@functools.lru_cache(maxsize=None)
+def _implementation(op: str, backend: str, device_type: str) -> Callable:
+    return _load(op, resolve(op, backend, device_type))
+
+
+def describe(device_type: str) -> str:
+    """``"op=backend, ..."`` for ``"auto"`` on ``device_type`` (for the start-up log)."""
+    return ", ".join(f"{op}={resolve(op, 'auto', device_type)}" for op in OPS)
+
+
+# ----------------------------------------------------------------------------
+# The ops
+# ----------------------------------------------------------------------------
 def _check_logits(logits: torch.Tensor) -> None:
     if logits.dim() != 2:
         raise ValueError(f"logits: expected a [B, V] tensor, got shape {tuple(logits.shape)}")
@@ -93,22 +235,7 @@ def logit_stats_and_candidates(logits: torch.Tensor, num_candidates: int = K_MAX
     _check_logits(logits)
     if not 0 <= num_candidates <= K_MAX:
         raise ValueError(f"num_candidates: expected 0..{K_MAX}, got {num_candidates}")
-    be = _resolve(backend, logits)
-    if be == "triton":
-        from entropix_vllm.triton_kernels.logit_stats import fused_logit_stats
-        return fused_logit_stats(logits, num_candidates)
-    if be == "cpp":
-        out = torch.ops.entropix.logit_stats(logits.contiguous(), num_candidates)
-        mx, am, lse, ent, vent, cv, ci = out
-        stats = LogitStats(mx, am, lse, ent, vent)
-        return (stats, cv, ci) if num_candidates else (stats, None, None)
-    s = reference.logit_stats(logits, torch.float64)
-    stats = LogitStats(s.max.float(), s.argmax, s.logsumexp.float(), s.entropy.float(),
-                       s.varentropy.float())
-    if num_candidates == 0:
-        return stats, None, None
-    cv, ci = reference.topk_candidates(logits, num_candidates)
-    return stats, cv, ci
+    return implementation("logit_stats", backend, logits.device)(logits, num_candidates)
 
 
 def logit_stats(logits: torch.Tensor, backend: str = "auto") -> LogitStats:
@@ -133,35 +260,8 @@ def sample_candidates(cand_vals: torch.Tensor, cand_ids: torch.Tensor,
     exponential race and returns the drawn token with the highest raw logit
     (ties: the first drawn), as int64 ``[B]``.
     """
-    be = _resolve(backend, cand_vals)
-    if be == "triton":
-        from entropix_vllm.triton_kernels.candidate_sampling import sample_candidates as _tk
-        return _tk(cand_vals, cand_ids, temperature, top_k, top_p, min_p, n_draws, noise)
-    if be == "cpp":
-        return torch.ops.entropix.sample_candidates(
-            cand_vals.contiguous(), cand_ids.contiguous(), temperature.float().contiguous(),
-            top_k.long().contiguous(), top_p.float().contiguous(), min_p.float().contiguous(),
-            n_draws.long().contiguous(), noise.float().contiguous())
-    return reference_sample_candidates(cand_vals, cand_ids, temperature, top_k, top_p, min_p,
-                                       n_draws, noise)
-
-
-def reference_sample_candidates(cand_vals, cand_ids, temperature, top_k, top_p, min_p, n_draws,
-                                noise) -> torch.Tensor:
-    """The torch path of :func:`sample_candidates`, built on the reference."""
-    B, K = cand_vals.shape
-    f = reference.filter_logits(cand_vals, temperature.double(), top_k, top_p.double(),
-                                min_p.double())
-    vals = cand_vals.double()
-    best_c = reference.race(f, noise[:, 0].double())
-    best_v = torch.gather(vals, 1, best_c[:, None])[:, 0]
-    for j in range(1, noise.shape[1]):
-        c = reference.race(f, noise[:, j].double())
-        v = torch.gather(vals, 1, c[:, None])[:, 0]
-        better = (j < n_draws) & (v > best_v)
-        best_c = torch.where(better, c, best_c)
-        best_v = torch.where(better, v, best_v)
-    return torch.gather(cand_ids, 1, best_c[:, None])[:, 0].long()
+    fn = implementation("sample_candidates", backend, cand_vals.device)
+    return fn(cand_vals, cand_ids, temperature, top_k, top_p, min_p, n_draws, noise)
 
 
 def decide_and_sample(entropy: torch.Tensor, varentropy: torch.Tensor,
@@ -169,88 +269,49 @@ def decide_and_sample(entropy: torch.Tensor, varentropy: torch.Tensor,
                       cand_vals: torch.Tensor, cand_ids: torch.Tensor, noise: torch.Tensor,
                       argmax: torch.Tensor, cot_token: torch.Tensor, prev_is_cot: torch.Tensor,
                       logits: torch.Tensor, backend: str = "auto"
-                      ) -> Tuple[torch.Tensor, reference.BranchParams]:
+                      ) -> Tuple[torch.Tensor, BranchParams]:
     """The Entropix decision and the token of every row (SPEC sections 3 and 4).
 
     entropy/varentropy ``[B]`` float32 (bits, bits^2; from
     :func:`logit_stats_and_candidates`); ``attn``: the rows' figures or None
-    (zeros); ``coeff_table [B, len(EntropixConfig.field_names())]`` float64,
-    columns in that order; cand_vals/cand_ids ``[B, K]`` (K <= ``K_MAX``);
-    ``noise [B, N, K]`` Exp(1) float32; ``argmax [B]`` int64; ``cot_token [B]``
-    int64 (-1: none); ``prev_is_cot [B]`` bool; ``logits [B, V]`` (for the CoT
-    token's mask: ``-inf`` forbids it).
+    (zeros); ``coeff_table [B, len(COEFF_NAMES)]`` float64, columns in
+    :data:`COEFF_NAMES` order (``contract.py``); cand_vals/cand_ids ``[B, K]``
+    (K <= ``K_MAX``); ``noise [B, N, K]`` Exp(1) float32; ``argmax [B]``
+    int64; ``cot_token [B]`` int64 (-1: none); ``prev_is_cot [B]`` bool;
+    ``logits [B, V]`` (for the CoT token's mask: ``-inf`` forbids it).
 
     Per row: the branch and its parameters (``reference.branch_params``, in
     float64); a draw among the candidates with them
-    (:func:`sample_candidates`, temperature/top_p/min_p in float32, top_k
-    clamped to 1..K_MAX, n_draws to 1..N); the token: the argmax for argmax
-    rows, rows whose entropy or varentropy is not finite and rows whose
-    temperature is not positive; the CoT token for insert rows unless the
-    previous generated token was already it, it is out of ``0..V-1`` or its
-    logit is not finite; the draw otherwise. Returns ``(tokens [B] int64,
-    BranchParams)`` with float32 temperature/top_p/min_p and int64 branch,
-    top_k, n_draws (for rows with non-finite figures the integer parameters
-    are unspecified). ``"triton"`` does all of it in one launch; the other
-    backends: ``"cpp"`` one C++ op (``csrc/decide.cpp``), ``"torch"`` tensor
-    ops on the reference (their draw on the reference's
-    :func:`sample_candidates`).
+    (:func:`sample_candidates`, temperature/top_p/min_p in float32 and clamped
+    to the ranges of ``contract.py``, top_k clamped to 1..K_MAX, n_draws to
+    1..N); the token: the argmax for argmax rows, rows whose entropy or
+    varentropy is not finite and rows whose temperature is not positive; the
+    CoT token for insert rows unless the previous generated token was already
+    it, it is out of ``0..V-1`` or its logit is not finite; the draw otherwise.
+    Returns ``(tokens [B] int64, BranchParams)`` with float32
+    temperature/top_p/min_p and int64 branch, top_k, n_draws (for rows with
+    non-finite figures the integer parameters are unspecified). ``"triton"``
+    does all of it in one launch, ``"cpp"`` in one C++ op
+    (``csrc/decide.cpp``), ``"torch"`` as tensor ops on the reference
+    (``torch_ops.decide_and_sample``, what the other two equal bit for bit).
     """
-    be = _resolve(backend, entropy)
-    if be == "triton":
-        from entropix_vllm.triton_kernels.entropix_decide import decide_and_sample as _tk
-        tokens, branch, t, k, p, mp, n = _tk(entropy, varentropy, attn, coeff_table, COEFF_NAMES,
-                                             cand_vals, cand_ids, noise, argmax, cot_token,
-                                             prev_is_cot, logits, K_MAX)
-        return tokens, reference.BranchParams(branch=branch, temperature=t, top_k=k, top_p=p,
-                                              min_p=mp, n_draws=n)
-    if be == "cpp" and hasattr(torch.ops.entropix, "decide_and_sample"):
-        a = ((attn.attn_entropy, attn.attn_varentropy, attn.agreement, attn.interaction_strength)
-             if attn is not None else (None,) * 4)
-        tokens, branch, t, k, p, mp, n = torch.ops.entropix.decide_and_sample(
-            entropy, varentropy, *a, coeff_table, _coeff_columns(), cand_vals, cand_ids, noise,
-            argmax, cot_token, prev_is_cot, logits, K_MAX)
-        return tokens, reference.BranchParams(branch=branch, temperature=t, top_k=k, top_p=p,
-                                              min_p=mp, n_draws=n)
-    return _decide_and_sample_tensor_ops(entropy, varentropy, attn, coeff_table, cand_vals,
-                                         cand_ids, noise, argmax, cot_token, prev_is_cot, logits,
-                                         "cpp" if be == "cpp" else "torch")
+    fn = implementation("decide_and_sample", backend, entropy.device)
+    return fn(entropy, varentropy, attn, coeff_table, DECIDE_COLUMNS, cand_vals, cand_ids,
+              noise, argmax, cot_token, prev_is_cot, logits)
 
 
-@functools.lru_cache(maxsize=None)
-def _coeff_columns() -> list:
-    """Indices in COEFF_NAMES of the columns the fused decision ops read."""
-    from entropix_vllm.triton_kernels.entropix_decide import COEFF_COLUMNS
-    return [COEFF_NAMES.index(n) for n in COEFF_COLUMNS]
-
-
-def _decide_and_sample_tensor_ops(entropy, varentropy, attn, coeff_table, cand_vals, cand_ids,
-                                  noise, argmax, cot_token, prev_is_cot, logits, be):
-    """:func:`decide_and_sample` as tensor ops (what the fused kernels equal)."""
-    B, V = logits.shape
-    coeffs = {n: coeff_table[:, i] for i, n in enumerate(COEFF_NAMES)}
-    if attn is None:
-        attn = AttnStats.zeros(B, device=entropy.device)
-    p64 = reference.branch_params(entropy, varentropy, attn, coeffs, dtype=torch.float64)
-    params = reference.BranchParams(
-        branch=p64.branch, temperature=p64.temperature.float(), top_k=p64.top_k,
-        top_p=p64.top_p.float(), min_p=p64.min_p.float(), n_draws=p64.n_draws)
-    one = torch.ones_like(params.temperature)
-    sane = torch.isfinite(entropy) & torch.isfinite(varentropy)
-    draw_ok = sane & (params.branch != reference.ARGMAX) & (params.temperature > 0)
-    drawn = sample_candidates(
-        cand_vals, cand_ids,
-        torch.where(draw_ok, params.temperature, one),
-        params.top_k.clamp(1, K_MAX),
-        torch.where(draw_ok, params.top_p.clamp(1e-6, 1.0), one),
-        torch.where(draw_ok, params.min_p.clamp(0.0, 1.0 - 1e-6), torch.zeros_like(one)),
-        params.n_draws.clamp(1, noise.shape[1]),
-        noise, backend=be)
-    tokens = torch.where(draw_ok, drawn, argmax)
-    cot = cot_token.to(device=logits.device, dtype=torch.int64)
-    cot_logit = torch.gather(logits, 1, cot.clamp(0, V - 1)[:, None])[:, 0]
-    emit_cot = ((params.branch == reference.INSERT_COT) & sane & (cot >= 0) & (cot < V)
-                & torch.isfinite(cot_logit) & ~prev_is_cot.to(logits.device))
-    return torch.where(emit_cot, cot, tokens), params
+def _check_noise_args(seeds: torch.Tensor, positions: torch.Tensor, num_draws: int,
+                      num_candidates: int) -> None:
+    if seeds.dim() != 1 or positions.dim() != 1 or seeds.shape != positions.shape:
+        raise ValueError(f"seeds and positions: expected two [B] tensors, got "
+                         f"{tuple(seeds.shape)} and {tuple(positions.shape)}")
+    if seeds.device != positions.device:
+        raise ValueError("seeds and positions must be on one device")
+    if seeds.dtype.is_floating_point or positions.dtype.is_floating_point:
+        raise ValueError("seeds and positions must be integer tensors")
+    if num_draws < 0 or not 0 <= num_candidates <= NOISE_OFFSET_STRIDE:
+        raise ValueError(f"num_draws >= 0 and 0 <= num_candidates <= {NOISE_OFFSET_STRIDE} "
+                         f"expected, got {num_draws}, {num_candidates}")
 
 
 def seeded_exponential_noise(seeds: torch.Tensor, positions: torch.Tensor, num_draws: int,
@@ -259,17 +320,16 @@ def seeded_exponential_noise(seeds: torch.Tensor, positions: torch.Tensor, num_d
 
     ``noise[b, j, c]`` depends only on ``seeds[b]`` (int64), ``positions[b]``
     (int) and ``(j, c)``: a row's noise is the same whatever else is in the
-    batch (a murmur3 hash, see ``triton_kernels/seeded_noise.py``). ``backend``:
-    ``"triton"`` (CUDA), ``"torch"`` or ``"auto"`` (Triton on CUDA tensors).
+    batch (a murmur3 hash, see ``triton_kernels/seeded_noise.py``); contiguous,
+    on the inputs' device; ``num_candidates <= 65536``. Backends: ``"triton"``
+    and ``"torch"`` (the same hash bits; the float result agrees to a few ulp:
+    ``log`` implementations differ), ``"auto"`` (Triton on CUDA tensors). Use
+    one backend for every rank of a tensor-parallel group (``"auto"`` depends
+    only on the device type, so it does).
     """
-    from .triton_kernels import seeded_noise
-
-    if backend == "cpp":
-        raise ValueError("backend: seeded noise has no C++ implementation; use 'torch' on CPU")
-    be = backend
-    if be == "auto":
-        be = "triton" if seeds.is_cuda and triton_available() else "torch"
-    return seeded_noise.exponential_noise(seeds, positions, num_draws, num_candidates, backend=be)
+    _check_noise_args(seeds, positions, num_draws, num_candidates)
+    fn = implementation("seeded_noise", backend, seeds.device)
+    return fn(seeds, positions, num_draws, num_candidates)
 
 
 def paged_attention_stats(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
@@ -284,15 +344,5 @@ def paged_attention_stats(q: torch.Tensor, key_cache: torch.Tensor, block_table:
     head ``h // (H // H_kv)``. Returns float32 :class:`AttnStats`; a row with
     ``seq_len == 0`` gives zeros.
     """
-    be = _resolve(backend, q)
-    if be == "triton":
-        from entropix_vllm.triton_kernels.attn_stats import paged_attention_stats as _tk
-        return _tk(q, key_cache, block_table, seq_lens, scale)
-    if be == "cpp" and hasattr(torch.ops.entropix, "paged_attention_stats"):
-        out = torch.ops.entropix.paged_attention_stats(q, key_cache, block_table, seq_lens, float(scale))
-        return AttnStats(*out)
-    keys = [reference.gather_paged(key_cache, block_table[b], int(seq_lens[b]))
-            for b in range(q.shape[0])]
-    s = reference.attention_stats(q, keys, scale)
-    return AttnStats(*(getattr(s, f).float() for f in
-                       ("attn_entropy", "attn_varentropy", "agreement", "interaction_strength")))
+    fn = implementation("paged_attention_stats", backend, q.device)
+    return fn(q, key_cache, block_table, seq_lens, scale)

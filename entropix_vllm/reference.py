@@ -16,44 +16,17 @@ Conventions (shared by every backend):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
 from .config import EntropixConfig
+# The result types and branch codes every backend shares (contract.py owns them).
+from .contract import (ADAPTIVE, ARGMAX, BRANCH_NAMES, EXPLORE, INSERT_COT,  # noqa: F401
+                       RESAMPLE, AttnStats, BranchParams, LogitStats)
 
 LN2 = math.log(2.0)
-
-# Branch codes (SPEC section 3 order).
-ARGMAX, INSERT_COT, EXPLORE, RESAMPLE, ADAPTIVE = 0, 1, 2, 3, 4
-BRANCH_NAMES = ("argmax", "insert_cot", "explore", "resample", "adaptive")
-
-
-@dataclass
-class LogitStats:
-    """Per-row statistics of a ``[B, V]`` logits tensor (all fields ``[B]``)."""
-
-    max: torch.Tensor
-    argmax: torch.Tensor  # int64
-    logsumexp: torch.Tensor
-    entropy: torch.Tensor  # bits
-    varentropy: torch.Tensor  # bits^2
-
-
-@dataclass
-class AttnStats:
-    """Per-row attention figures of SPEC section 2 (all fields ``[B]``)."""
-
-    attn_entropy: torch.Tensor
-    attn_varentropy: torch.Tensor
-    agreement: torch.Tensor
-    interaction_strength: torch.Tensor
-
-    @classmethod
-    def zeros(cls, batch: int, device=None, dtype=torch.float32) -> "AttnStats":
-        z = torch.zeros(batch, device=device, dtype=dtype)
-        return cls(z, z.clone(), z.clone(), z.clone())
 
 
 # ----------------------------------------------------------------------------
@@ -201,18 +174,6 @@ def select_branch(ent: torch.Tensor, vent: torch.Tensor, c: Params) -> torch.Ten
     return code
 
 
-@dataclass
-class BranchParams:
-    """Per-row sampling parameters (all ``[B]``)."""
-
-    branch: torch.Tensor  # int64 codes
-    temperature: torch.Tensor
-    top_k: torch.Tensor  # int64
-    top_p: torch.Tensor
-    min_p: torch.Tensor
-    n_draws: torch.Tensor  # int64
-
-
 def branch_params(ent: torch.Tensor, vent: torch.Tensor, attn: AttnStats, c: Params,
                   dtype: torch.dtype = torch.float64) -> BranchParams:
     """Branch code and its (T, top_k, top_p, min_p, n_draws) per row.
@@ -314,8 +275,8 @@ def filtered_probs(logits, temperature, top_k, top_p, min_p, dtype=torch.float64
     return torch.where(torch.isnan(p), torch.zeros_like(p), p)
 
 
-def exponential_noise(shape, generators: Optional[Sequence[Optional[torch.Generator]]] = None,
-                      device=None, dtype=torch.float32) -> torch.Tensor:
+def generator_noise(shape, generators: Optional[Sequence[Optional[torch.Generator]]] = None,
+                    device=None, dtype=torch.float32) -> torch.Tensor:
     """Exp(1) noise ``[B, ...]``; row b uses ``generators[b]`` when given."""
     q = torch.empty(shape, device=device, dtype=dtype).exponential_()
     if generators is not None:

@@ -16,9 +16,9 @@ loop over rows:
    draws, best by raw logit), then the token: argmax rows take the argmax;
    insert rows take the CoT token unless the row's previous generated token
    was already that token or the token is masked (its logit is ``-inf``), in
-   which case they keep their draw. On CUDA this is one Triton launch
-   (``triton_kernels/entropix_decide.py``); elsewhere the same steps as
-   tensor ops.
+   which case they keep their draw. One Triton launch on CUDA
+   (``triton_kernels/entropix_decide.py``), one C++ op on CPU
+   (``csrc/decide.cpp``), tensor ops otherwise (``torch_ops.py``).
 
 Rows whose logits hold NaN or ``+inf`` (an upstream fault) get the argmax
 branch's result (token of the first maximal finite entry as the kernels define
@@ -28,23 +28,16 @@ it) instead of a draw with NaN parameters.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from . import ops
 from .config import K_MAX, EntropixConfig
-from .reference import AttnStats, BranchParams, LogitStats
+from .contract import AttnStats, BranchParams, LogitStats
 
+#: The columns of a coefficient table (EntropixConfig's fields, in field order).
 COEFF_NAMES = ops.COEFF_NAMES
-_COEFF_INDEX = {n: i for i, n in enumerate(COEFF_NAMES)}
-
-
-class CoefficientColumns(dict):
-    """``{name: [B] view}`` of a ``[B, len(COEFF_NAMES)]`` float64 table, which
-    it keeps as ``.table`` (what the fused kernel reads)."""
-
-    table: torch.Tensor
 
 
 def coefficient_rows(configs: Sequence[EntropixConfig]) -> list:
@@ -52,22 +45,16 @@ def coefficient_rows(configs: Sequence[EntropixConfig]) -> list:
     return [[float(getattr(c, n)) for n in COEFF_NAMES] for c in configs]
 
 
-def coefficient_columns(table: torch.Tensor) -> CoefficientColumns:
-    """``{name: table[:, i]}`` views of a ``[B, len(COEFF_NAMES)]`` table."""
-    cols = CoefficientColumns({n: table[:, i] for n, i in _COEFF_INDEX.items()})
-    cols.table = table
-    return cols
+def coefficient_table(configs: Sequence[EntropixConfig], device=None) -> torch.Tensor:
+    """The ``[B, len(COEFF_NAMES)]`` float64 coefficient table of the configs."""
+    return torch.tensor(coefficient_rows(configs), dtype=torch.float64,
+                        device=device).reshape(len(configs), len(COEFF_NAMES))
 
 
-def coefficient_table(coeffs: Mapping[str, torch.Tensor], batch: int, device) -> torch.Tensor:
-    """The ``[B, len(COEFF_NAMES)]`` float64 table behind ``coeffs`` (built
-    when ``coeffs`` is a plain mapping of tensors or numbers)."""
-    table = getattr(coeffs, "table", None)
-    if table is not None:
-        return table
-    cols = [torch.as_tensor(coeffs[n], dtype=torch.float64, device=device).expand(batch)
-            for n in COEFF_NAMES]
-    return torch.stack(cols, 1)
+def coefficient_columns(table: torch.Tensor) -> dict:
+    """``{name: table[:, i]}`` views of a coefficient table (the mapping form
+    ``reference.branch_params`` takes)."""
+    return {n: table[:, i] for i, n in enumerate(COEFF_NAMES)}
 
 
 def max_draws(configs: Sequence[EntropixConfig]) -> int:
@@ -86,7 +73,7 @@ class StepResult:
 
 
 def entropix_step(logits: torch.Tensor, attn: Optional[AttnStats],
-                  coeffs: Mapping[str, torch.Tensor], cot_token: torch.Tensor,
+                  coeff_table: torch.Tensor, cot_token: torch.Tensor,
                   prev_is_cot: torch.Tensor, noise: torch.Tensor,
                   backend: str = "auto") -> StepResult:
     """Entropix tokens for a batch of rows.
@@ -95,9 +82,8 @@ def entropix_step(logits: torch.Tensor, attn: Optional[AttnStats],
                  mask, penalty and bias already applied (``-inf`` = forbidden).
     attn:        the rows' attention figures, or None (zeros: the figures of
                  SPEC section 2 are unavailable, e.g. the profiling run).
-    coeffs:      ``{name: [B] float64 tensor}`` for every name of
-                 :class:`~entropix_vllm.config.EntropixConfig` (see
-                 :func:`coefficient_columns`).
+    coeff_table: ``[B, len(COEFF_NAMES)]`` float64, one row of coefficients per
+                 row (:func:`coefficient_table`; columns in ``COEFF_NAMES`` order).
     cot_token:   ``[B]`` int64, the row's CoT token id (``-1``: none).
     prev_is_cot: ``[B]`` bool, the row's previous *generated* token is its CoT
                  token.
@@ -108,7 +94,7 @@ def entropix_step(logits: torch.Tensor, attn: Optional[AttnStats],
     B, V = logits.shape
     stats, cand_vals, cand_ids = ops.logit_stats_and_candidates(logits, K_MAX, backend=backend)
     tokens, params = ops.decide_and_sample(
-        stats.entropy, stats.varentropy, attn, coefficient_table(coeffs, B, logits.device),
+        stats.entropy, stats.varentropy, attn, coeff_table,
         cand_vals, cand_ids, noise, stats.argmax, cot_token, prev_is_cot, logits,
         backend=backend)
     if attn is None:

@@ -1,7 +1,7 @@
 """triton_kernels.candidate_sampling.sample_candidates against the reference.
 
 * Decisions: with the same Exp(1) noise, the token chosen equals
-  ``ops.reference_sample_candidates`` (built on ``reference.filter_logits`` and
+  ``torch_ops.sample_candidates`` (built on ``reference.filter_logits`` and
   ``reference.race``) for every row, over many random parameter sets
   (temperature, top_k, top_p, min_p, n_draws), including top_k = 1, top_p = 1,
   min_p = 0, tied values, rows padded with ``-inf``, an all ``-inf`` row,
@@ -30,7 +30,7 @@ if not CUDA:
 
 pytest.importorskip("triton")
 
-from entropix_vllm import ops, reference  # noqa: E402
+from entropix_vllm import reference, torch_ops  # noqa: E402
 from entropix_vllm.triton_kernels.candidate_sampling import sample_candidates  # noqa: E402
 
 if not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -70,7 +70,7 @@ def random_case(B: int, K: int, N: int, seed: int, sort: bool = True):
 
 
 def run_both(case):
-    ref = ops.reference_sample_candidates(*case)
+    ref = torch_ops.sample_candidates(*case)
     got = sample_candidates(*(t.to(DEVICE) for t in case))
     assert got.dtype == torch.int64 and got.shape == ref.shape
     return got.cpu(), ref

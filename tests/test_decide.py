@@ -161,21 +161,21 @@ def test_step_uses_the_fused_path_on_cuda_or_when_asked():
     B, V = 12, 700
     logits = torch.randn(B, V, generator=g) * 3
     cfgs = [random_config(g) for _ in range(B)]
-    coeffs = step.coefficient_columns(
-        torch.tensor(step.coefficient_rows(cfgs), dtype=torch.float64).reshape(B, -1))
+    table = step.coefficient_table(cfgs)
     cot = torch.full((B,), 7)
     prev = torch.zeros(B, dtype=torch.bool)
     noise = torch.empty(B, 8, K_MAX).exponential_(generator=g)
-    want = step.entropix_step(logits, None, coeffs, cot, prev, noise, backend="torch")
+    want = step.entropix_step(logits, None, table, cot, prev, noise, backend="torch")
     dev = torch.device(DEVICE)
-    coeffs_d = step.coefficient_columns(coeffs.table.to(dev))
-    got = step.entropix_step(logits.to(dev), None, coeffs_d, cot.to(dev), prev.to(dev),
+    got = step.entropix_step(logits.to(dev), None, table.to(dev), cot.to(dev), prev.to(dev),
                              noise.to(dev), backend="triton")
     assert torch.equal(got.tokens.cpu(), want.tokens)
     assert torch.equal(got.params.branch.cpu(), want.params.branch)
-    # a plain mapping of columns gives the same table
-    plain = {n: coeffs[n] for n in step.COEFF_NAMES}
-    assert torch.equal(step.coefficient_table(plain, B, "cpu"), coeffs.table)
+    # the table's columns are COEFF_NAMES
+    cols = step.coefficient_columns(table)
+    assert list(cols) == list(step.COEFF_NAMES)
+    assert all(torch.equal(cols[n], torch.tensor([float(getattr(c, n)) for c in cfgs],
+                                                 dtype=torch.float64)) for n in cols)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,5 +1,6 @@
 """The Entropix sampler for vLLM's Model Runner V2 (``integration/mrv2.py``) and
-its seeded noise kernel (``triton_kernels/seeded_noise.py``).
+its seeded noise (``ops.seeded_exponential_noise``: the Triton kernel of
+``triton_kernels/seeded_noise.py`` and ``torch_ops.seeded_exponential_noise``).
 
 Tested here (CPU-only machine, vLLM 0.32 CPU wheel):
 
@@ -73,7 +74,7 @@ import numpy as np
 import pytest
 import torch
 
-from entropix_vllm.triton_kernels import seeded_noise as sn
+from entropix_vllm import contract, ops, torch_ops
 
 CHILD_ENV = "ENTROPIX_MRV2_CHILD"
 IN_CHILD = os.environ.get(CHILD_ENV) == "1"
@@ -129,14 +130,14 @@ def test_noise_hash_is_murmur3_of_seed_position_offset():
     seeds = [0, 1, -1, 2**63 - 1, -(2**63), 123456789012345]
     pos = [0, 1, 5, 2**31 - 1, 2**40 + 3, 17]
     N, K = 3, 7
-    H = sn.noise_hash_torch(torch.tensor(seeds), torch.tensor(pos), N, K)
+    H = torch_ops.noise_hash(torch.tensor(seeds), torch.tensor(pos), N, K)
     assert H.shape == (6, N, K) and H.dtype == torch.int64
     for b, (s, p) in enumerate(zip(seeds, pos)):
         for j in range(N):
             for c in range(K):
                 words = (s & M32, (s >> 32) & M32, p & M32, (p >> 32) & M32,
-                         j * sn.OFFSET_STRIDE + c)
-                assert int(H[b, j, c]) == murmur3_32(struct.pack("<5I", *words), sn.DOMAIN)
+                         j * contract.NOISE_OFFSET_STRIDE + c)
+                assert int(H[b, j, c]) == murmur3_32(struct.pack("<5I", *words), contract.NOISE_DOMAIN)
 
 
 def _noise_inputs(B=6):
@@ -148,14 +149,14 @@ def _noise_inputs(B=6):
 @pytest.mark.skipif(not TRITON_RUNS, reason="no CUDA device and TRITON_INTERPRET is not set")
 def test_noise_kernel_matches_torch_fallback():
     seeds, pos = _noise_inputs()
-    k = sn.exponential_noise(seeds, pos, 5, 128, backend="triton")
-    t = sn.exponential_noise(seeds, pos, 5, 128, backend="torch")
+    k = ops.seeded_exponential_noise(seeds, pos, 5, 128, backend="triton")
+    t = ops.seeded_exponential_noise(seeds, pos, 5, 128, backend="torch")
     assert k.shape == t.shape == (6, 5, 128)
     assert k.dtype == t.dtype == torch.float32 and k.is_contiguous()
     rel = ((k.double() - t.double()).abs() / t.double()).max().item()
     assert rel < 1e-6, rel
     # Odd sizes and a single block smaller than the tile.
-    k2 = sn.exponential_noise(seeds[:3], pos[:3], 2, 37, backend="triton")
+    k2 = ops.seeded_exponential_noise(seeds[:3], pos[:3], 2, 37, backend="triton")
     assert torch.allclose(k2, t[:3, :2, :37], rtol=1e-6, atol=0)
 
 
@@ -181,14 +182,14 @@ def _check_exp1(x: torch.Tensor, k_sigma: float = 5.0) -> None:
 def test_noise_torch_is_exp1():
     seeds = torch.arange(64, dtype=torch.int64) * 7919 - 100_000
     pos = torch.arange(64, dtype=torch.int64) * 3
-    x = sn.exponential_noise(seeds, pos, 16, 128, backend="torch")
+    x = ops.seeded_exponential_noise(seeds, pos, 16, 128, backend="torch")
     _check_exp1(x)
     # No correlation between neighbouring candidates, draws, or positions.
     n = x[:, :, 1:].numel()
     for a, b in ((x[:, :, 1:], x[:, :, :-1]), (x[:, 1:], x[:, :-1])):
         r = np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1]
         assert abs(r) < 5 / math.sqrt(n), r
-    nxt = sn.exponential_noise(seeds, pos + 1, 16, 128, backend="torch")
+    nxt = ops.seeded_exponential_noise(seeds, pos + 1, 16, 128, backend="torch")
     r = np.corrcoef(x.flatten().numpy(), nxt.flatten().numpy())[0, 1]
     assert abs(r) < 5 / math.sqrt(x.numel()), r
 
@@ -197,7 +198,7 @@ def test_noise_torch_is_exp1():
 def test_noise_kernel_is_exp1():
     seeds = (torch.arange(16, dtype=torch.int64) * 104729 + 5).to(DEV)
     pos = torch.arange(16, dtype=torch.int64).to(DEV)
-    _check_exp1(sn.exponential_noise(seeds, pos, 8, 128, backend="triton"))
+    _check_exp1(ops.seeded_exponential_noise(seeds, pos, 8, 128, backend="triton"))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -205,24 +206,24 @@ def test_noise_row_depends_only_on_seed_and_position(backend):
     if backend == "triton" and not TRITON_RUNS:
         pytest.skip("no CUDA device and TRITON_INTERPRET is not set")
     seeds, pos = _noise_inputs()
-    full = sn.exponential_noise(seeds, pos, 4, 64, backend=backend)
+    full = ops.seeded_exponential_noise(seeds, pos, 4, 64, backend=backend)
     for i in range(len(seeds)):
-        alone = sn.exponential_noise(seeds[i:i + 1], pos[i:i + 1], 4, 64, backend=backend)
+        alone = ops.seeded_exponential_noise(seeds[i:i + 1], pos[i:i + 1], 4, 64, backend=backend)
         assert torch.equal(alone[0], full[i])
     perm = torch.tensor([3, 0, 5, 1, 4, 2], device=DEV)
-    assert torch.equal(sn.exponential_noise(seeds[perm], pos[perm], 4, 64, backend=backend),
+    assert torch.equal(ops.seeded_exponential_noise(seeds[perm], pos[perm], 4, 64, backend=backend),
                        full[perm])
     # noise[b, j, c] does not depend on the tensor's depth or width.
-    assert torch.equal(sn.exponential_noise(seeds, pos, 2, 16, backend=backend),
+    assert torch.equal(ops.seeded_exponential_noise(seeds, pos, 2, 16, backend=backend),
                        full[:, :2, :16])
-    deeper = sn.exponential_noise(seeds, pos, 7, 128, backend=backend)
+    deeper = ops.seeded_exponential_noise(seeds, pos, 7, 128, backend=backend)
     assert torch.equal(deeper[:, :4, :64], full)
     # Rows 1 and 5 differ only in the seed; seed 7 at positions 5 and 6 differ.
     assert not torch.equal(full[1], full[5])
-    other_pos = sn.exponential_noise(seeds[1:2], pos[1:2] + 1, 4, 64, backend=backend)
+    other_pos = ops.seeded_exponential_noise(seeds[1:2], pos[1:2] + 1, 4, 64, backend=backend)
     assert not torch.equal(other_pos[0], full[1])
     # The same (seed, position) in two rows: identical rows; draws differ.
-    twin = sn.exponential_noise(seeds[[1, 1]], pos[[1, 1]], 4, 64, backend=backend)
+    twin = ops.seeded_exponential_noise(seeds[[1, 1]], pos[[1, 1]], 4, 64, backend=backend)
     assert torch.equal(twin[0], twin[1]) and torch.equal(twin[0], full[1])
     assert not torch.equal(full[1, 0], full[1, 1])
 
@@ -230,14 +231,14 @@ def test_noise_row_depends_only_on_seed_and_position(backend):
 def test_noise_rejects_bad_arguments():
     s = torch.zeros(3, dtype=torch.int64)
     with pytest.raises(ValueError):
-        sn.exponential_noise(s, torch.zeros(2, dtype=torch.int64), 1, 4)
+        ops.seeded_exponential_noise(s, torch.zeros(2, dtype=torch.int64), 1, 4)
     with pytest.raises(ValueError):
-        sn.exponential_noise(s, s.float(), 1, 4)
+        ops.seeded_exponential_noise(s, s.float(), 1, 4)
     with pytest.raises(ValueError):
-        sn.exponential_noise(s, s, 1, sn.OFFSET_STRIDE + 1)
+        ops.seeded_exponential_noise(s, s, 1, contract.NOISE_OFFSET_STRIDE + 1)
     with pytest.raises(ValueError):
-        sn.exponential_noise(s, s, 1, 4, backend="cuda")
-    assert sn.exponential_noise(s[:0], s[:0], 5, 128).shape == (0, 5, 128)
+        ops.seeded_exponential_noise(s, s, 1, 4, backend="cuda")
+    assert ops.seeded_exponential_noise(s[:0], s[:0], 5, 128).shape == (0, 5, 128)
 
 
 # ============================================================================
@@ -399,15 +400,14 @@ class Harness:
     def expected(self, rids, logits, pos, input_ids, attn=None):
         """``entropix_step`` on ``logits`` with the rows' settings and (seed, pos) noise."""
         rows = [self.runtime.row_config(r, self.params[r]) for r in rids]
-        coeffs = step.coefficient_columns(
-            torch.tensor([r.coeffs for r in rows], dtype=torch.float64, device=DEV))
+        table = torch.tensor([r.coeffs for r in rows], dtype=torch.float64, device=DEV)
         cot = torch.tensor([r.cot_token for r in rows], dtype=torch.int64, device=DEV)
         pos = torch.as_tensor(pos, dtype=torch.int64, device=DEV)
         ids = torch.as_tensor(input_ids, dtype=torch.int64, device=DEV)
         plen = torch.tensor([len(self.prompts[r]) for r in rids], device=DEV)
-        noise = sn.exponential_noise(self.seeds(rids), pos,
+        noise = ops.seeded_exponential_noise(self.seeds(rids), pos,
                                      max(r.n_draws for r in rows if r.enabled), K_MAX)
-        return step.entropix_step(logits, attn, coeffs, cot, (pos >= plen) & (ids == cot),
+        return step.entropix_step(logits, attn, table, cot, (pos >= plen) & (ids == cot),
                                   noise)
 
 

@@ -603,7 +603,7 @@ def test_seed_reproducibility():
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         toks = []
         for _ in range(steps):
-            noise = R.exponential_noise((B, 1, V), gens, dtype=torch.float64)
+            noise = R.generator_noise((B, 1, V), gens, dtype=torch.float64)
             toks.append(R.sample_step(x, p, noise).tolist())
         return toks
 

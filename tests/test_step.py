@@ -40,9 +40,8 @@ def _rows(kinds, V, gen):
     return torch.stack(out).float()
 
 
-def _coeffs(configs, device="cpu"):
-    table = torch.tensor(step.coefficient_rows(configs), dtype=torch.float64, device=device)
-    return step.coefficient_columns(table)
+def _table(configs, device="cpu"):
+    return step.coefficient_table(configs, device)
 
 
 def _token_noise(cand_ids, noise_k, V):
@@ -64,16 +63,17 @@ def test_step_matches_reference_step(backend, V):
     B = logits.shape[0]
     configs = [EntropixConfig(), EntropixConfig(top_k=40, min_p=0.0),
                EntropixConfig(n_adaptive_samples=3, top_p=0.7), EntropixConfig(temperature=1.1)] * 4
-    coeffs = _coeffs(configs)
+    table = _table(configs)
     attn = AttnStats(torch.rand(B, generator=gen) * 3, torch.rand(B, generator=gen),
                      torch.rand(B, generator=gen) * 0.2, torch.rand(B, generator=gen) * 4)
     cot = torch.tensor([7, 11, -1, 5] * 4)
     prev = torch.tensor([False, True, False, False] * 4)
     noise = torch.empty(B, 5, K_MAX).exponential_(generator=gen)
 
-    got = step.entropix_step(logits, attn, coeffs, cot, prev, noise, backend=backend)
+    got = step.entropix_step(logits, attn, table, cot, prev, noise, backend=backend)
 
-    params = reference.branch_params(got.stats.entropy, got.stats.varentropy, attn, coeffs)
+    params = reference.branch_params(got.stats.entropy, got.stats.varentropy, attn,
+                                     step.coefficient_columns(table))
     assert torch.equal(got.params.branch, params.branch)
     assert set(params.branch.tolist()) >= {ARGMAX, INSERT_COT} and len(set(params.branch.tolist())) >= 3
     _, _, cand_ids = ops.logit_stats_and_candidates(logits, K_MAX, backend="torch")
@@ -106,10 +106,10 @@ def test_every_branch_and_its_parameters():
         base.replace({"high_ent_thresh": 0.0, "med_ent_thresh": 0.0, "high_vent_thresh": 0.0}),  # resample
         base.replace({"high_vent_thresh": big}),                                           # adaptive
     ]
-    coeffs = _coeffs(configs)
+    table = _table(configs)
     cot = torch.full((5,), 3)
     noise = torch.empty(5, 5, K_MAX).exponential_(generator=gen)
-    got = step.entropix_step(logits, None, coeffs, cot, torch.zeros(5, dtype=torch.bool), noise)
+    got = step.entropix_step(logits, None, table, cot, torch.zeros(5, dtype=torch.bool), noise)
     assert got.params.branch.tolist() == [ARGMAX, INSERT_COT, EXPLORE, RESAMPLE, ADAPTIVE]
     assert got.tokens[0] == logits[0].argmax()
     assert got.tokens[1] == 3
@@ -127,29 +127,29 @@ def test_insert_falls_back_when_masked_or_repeated():
     V = 256
     logits = torch.zeros(2, V)          # flat: entropy 8 bits, varentropy 0 -> insert
     logits[1, 9] = -math.inf            # CoT token masked (e.g. by a grammar)
-    coeffs = _coeffs([EntropixConfig()] * 2)
+    table = _table([EntropixConfig()] * 2)
     noise = torch.empty(2, 5, K_MAX).exponential_(generator=torch.Generator().manual_seed(0))
     cot = torch.tensor([9, 9])
-    got = step.entropix_step(logits, None, coeffs, cot, torch.tensor([True, False]), noise)
+    got = step.entropix_step(logits, None, table, cot, torch.tensor([True, False]), noise)
     assert got.params.branch.tolist() == [INSERT_COT, INSERT_COT]
     assert got.tokens[0] != 9 or noise[0, 0].argmin() == 0   # repeated: sampled instead
     assert got.tokens[1] != 9                                 # masked: never emitted
-    got2 = step.entropix_step(logits, None, coeffs, cot, torch.tensor([False, False]), noise)
+    got2 = step.entropix_step(logits, None, table, cot, torch.tensor([False, False]), noise)
     assert got2.tokens[0] == 9
 
 
 def test_nan_row_takes_argmax_path_and_never_crashes():
     logits = torch.randn(3, 100)
     logits[1, 5] = float("nan")
-    coeffs = _coeffs([EntropixConfig()] * 3)
+    table = _table([EntropixConfig()] * 3)
     noise = torch.empty(3, 5, K_MAX).exponential_()
-    got = step.entropix_step(logits, None, coeffs, torch.full((3,), -1), torch.zeros(3, dtype=torch.bool), noise)
+    got = step.entropix_step(logits, None, table, torch.full((3,), -1), torch.zeros(3, dtype=torch.bool), noise)
     assert got.tokens.shape == (3,)
     assert 0 <= int(got.tokens[1]) < 100
 
 
 def test_seeded_noise_gives_same_tokens_whatever_else_is_in_the_batch():
-    from entropix_vllm.integration.runtime import BatchConfig, exponential_noise
+    from entropix_vllm.integration.runtime import BatchConfig, batch_noise
 
     V = 1000
     gen = torch.Generator().manual_seed(3)
@@ -161,14 +161,14 @@ def test_seeded_noise_gives_same_tokens_whatever_else_is_in_the_batch():
         import numpy as np
         b = BatchConfig(req_ids=tuple(range(len(cfgs))), enabled=np.ones(len(cfgs), bool),
                         any_enabled=True, all_enabled=True,
-                        enabled_dev=torch.ones(len(cfgs), dtype=torch.bool), coeffs=_coeffs(cfgs),
+                        enabled_dev=torch.ones(len(cfgs), dtype=torch.bool), coeff_table=_table(cfgs),
                         cot_token=torch.full((len(cfgs),), -1), n_draws=n, max_draws=max(n))
         logits = torch.cat([row, 2.0 * torch.randn(others, V)]) if others else row
         g = torch.Generator().manual_seed(1234)
         toks = []
         for _ in range(4):
-            noise = exponential_noise(b, {0: g}, K_MAX, "cpu")
-            toks.append(int(step.entropix_step(logits, None, b.coeffs, b.cot_token,
+            noise = batch_noise(b, {0: g}, K_MAX, "cpu")
+            toks.append(int(step.entropix_step(logits, None, b.coeff_table, b.cot_token,
                                                torch.zeros(len(cfgs), dtype=torch.bool), noise).tokens[0]))
         return toks
 

@@ -4,14 +4,18 @@ of that name that vLLM imports).
 
 Triton kernels of entropix-vllm (GPU; CPU tensors under ``TRITON_INTERPRET=1``).
 
-These modules import only torch, triton and the reference/config modules of
-``entropix_vllm``; they know nothing of vLLM. Entry points:
+These modules import torch, triton and, of this package, only
+``entropix_vllm.contract`` (result types, branch codes, column layout, clamps,
+noise constants); they know nothing of vLLM (``tests/test_imports.py``). Entry
+points, each the ``"triton"`` implementation of one op of ``entropix_vllm.ops``:
 
 * :func:`entropix_vllm.triton_kernels.logit_stats.fused_logit_stats`
 * :func:`entropix_vllm.triton_kernels.candidate_sampling.sample_candidates`
 * :func:`entropix_vllm.triton_kernels.entropix_decide.decide_and_sample`
+* :func:`entropix_vllm.triton_kernels.seeded_noise.seeded_exponential_noise`
 * :func:`entropix_vllm.triton_kernels.attn_stats.paged_attention_stats`
 
-Submodules are imported lazily by ``entropix_vllm.ops`` so that importing this
-package never compiles anything.
+Submodules are imported lazily by ``entropix_vllm.ops`` (and only for CUDA
+tensors or when the ``"triton"`` backend is named), so that importing this
+package never imports triton or compiles anything.
 """

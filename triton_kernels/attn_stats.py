@@ -53,24 +53,11 @@ metadata has it as a Python int), else from the upper bound
 once. ``max_seq_len`` must be at least ``max(seq_lens)``: keys past it (and
 past the block table's capacity) are ignored.
 
-Tensor parallelism (not wired up yet; the pieces are here). With the heads of
-the layer spread over ranks (each rank holds ``H/tp`` query heads and the kv
-heads they read), every figure of SPEC section 2 is over all heads:
-
-1. each rank: ``hs = head_stats(q_local, k_local, ...)``: per local head
-   ``lse``, ``entropy`` (bits) and ``abs_sum`` (``[B, H/tp]``); softmax is per
-   head, so the local ``lse`` is already the global one;
-2. each rank: ``row = attention_row_sum(..., hs.lse)`` (``[B, max_seq_len]``,
-   sum over the local heads of ``P_hk``); all-reduce(SUM) it and divide by
-   ``H``: the mean attention row over all heads;
-3. each rank: ``agr = agreement_abs_sum(..., hs.lse, row_mean=row)``
-   (``[B]``, ``sum |P_hk - Pbar_k|`` over its heads); all-reduce(SUM);
-4. all-gather ``hs.entropy`` and ``hs.abs_sum`` along the head axis and call
-   :func:`combine` to get the figures (identical on every rank).
-
-The single-rank entry point :func:`paged_attention_stats` fuses step 2 into
-step 3 (the mean row over all heads is formed in registers per tile) and
-step 4 into pass 1.
+Tensor parallelism: the integration (``entropix_vllm/integration/attention.py``)
+all-gathers the chosen layer's query rows and new keys over the TP group, so
+every rank calls :func:`paged_attention_stats` with all heads and gets the same
+figures; nothing here is per rank. :func:`head_stats` and
+:func:`agreement_abs_sum` run pass 1 or pass 2 alone (for the benchmarks).
 
 Works on CUDA tensors, and on CPU tensors under the Triton interpreter
 (``TRITON_INTERPRET=1`` set before this module is imported). fp32, fp16 and
@@ -91,14 +78,12 @@ import torch
 import triton
 import triton.language as tl
 
-from entropix_vllm.reference import AttnStats
+from entropix_vllm.contract import AttnStats
 
 __all__ = [
     "paged_attention_stats",
     "head_stats",
-    "attention_row_sum",
     "agreement_abs_sum",
-    "combine",
     "HeadStats",
 ]
 
@@ -295,22 +280,20 @@ def _head_partials_kernel(
 
 @triton.jit
 def _agreement_kernel(
-    q_ptr, k_ptr, bt_ptr, len_ptr, lse_ptr, row_ptr,
+    q_ptr, k_ptr, bt_ptr, len_ptr, lse_ptr,
     part_ptr,  # float32 [B, NS]: per-program sums of |P - Pbar|
     cnt_ptr,  # int32 [B], zeroed
     res_ptr,  # float32 [B]: agreement (NORMALIZE) or the raw sum
     scale, B, H, NS, KPS, L_CAP, H_ROW,
     sq_b, sq_h, sq_d,
     sk_n, sk_p, sk_h, sk_d,
-    sbt_b, sbt_n, slse_b, slse_h, srow_b,
+    sbt_b, sbt_n, slse_b, slse_h,
     G: tl.constexpr, HKV: tl.constexpr, HKV_PAD: tl.constexpr, BS: tl.constexpr,
     BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr,
-    S_CHUNK: tl.constexpr, HALF_DOT: tl.constexpr, MODE: tl.constexpr,
+    S_CHUNK: tl.constexpr, HALF_DOT: tl.constexpr,
     REVERSE: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
-    # MODE 0: Pbar = (sum over these heads of P) / H_ROW, accumulate |P - Pbar|.
-    # MODE 1: write the sum over these heads of P to row[b, k]; nothing else.
-    # MODE 2: Pbar = row[b, k] (given), accumulate |P - Pbar|.
+    # Pbar = (sum over the heads of P) / H_ROW; accumulate |P - Pbar|.
     pid_s = tl.program_id(0)
     pid_b = tl.program_id(1)
     if REVERSE:
@@ -336,7 +319,6 @@ def _agreement_kernel(
         gsel = (tl.arange(0, HKV_PAD)[None, :, None] == (hh // G)[:, None, None]) \
             & h_ok[:, None, None]
         bt_row = bt_ptr + b.to(tl.int64) * sbt_b
-        row_b = row_ptr + b.to(tl.int64) * srow_b
         acc = tl.zeros([BLOCK_N], tl.float32)
         n_tiles = tl.cdiv(end - start, BLOCK_N)
         for t in range(0, n_tiles):
@@ -351,24 +333,17 @@ def _agreement_kernel(
             n_ok = n < end
             valid = h_ok[:, None] & n_ok[None, :]
             p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-            if MODE == 1:
-                tl.store(row_b + n, tl.sum(p, axis=0), mask=n_ok)
-            else:
-                if MODE == 0:
-                    pbar = tl.sum(p, axis=0) / H_ROW
-                else:
-                    pbar = tl.load(row_b + n, mask=n_ok, other=0.0)
-                acc += tl.sum(tl.where(valid, tl.abs(p - pbar[None, :]), 0.0), axis=0)
-        if MODE != 1:
-            tl.store(part_ptr + b * NS + sid, tl.sum(acc, axis=0))
-            tl.debug_barrier()
-            n_split = tl.cdiv(L, KPS)
-            prev = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel")
-            if prev == n_split - 1:
-                total = _sum_parts(part_ptr, b * NS, n_split, S_CHUNK)
-                if NORMALIZE:
-                    total = total / (H_ROW * L)
-                tl.store(res_ptr + b, total)
+            pbar = tl.sum(p, axis=0) / H_ROW
+            acc += tl.sum(tl.where(valid, tl.abs(p - pbar[None, :]), 0.0), axis=0)
+        tl.store(part_ptr + b * NS + sid, tl.sum(acc, axis=0))
+        tl.debug_barrier()
+        n_split = tl.cdiv(L, KPS)
+        prev = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel")
+        if prev == n_split - 1:
+            total = _sum_parts(part_ptr, b * NS, n_split, S_CHUNK)
+            if NORMALIZE:
+                total = total / (H_ROW * L)
+            tl.store(res_ptr + b, total)
 
 
 # ----------------------------------------------------------------------------
@@ -548,23 +523,19 @@ def _launch_pass1(p: _Plan, q, key_cache, block_table, seq_lens, scale, cnt, hea
     )
 
 
-def _launch_pass2(p: _Plan, q, key_cache, block_table, seq_lens, scale, lse, row, cnt, res,
-                  mode: int, h_row: float, normalize: bool, part=None):
+def _launch_pass2(p: _Plan, q, key_cache, block_table, seq_lens, scale, lse, cnt, res,
+                  h_row: float, normalize: bool, part=None):
     if part is None:
         part = torch.empty((p.B, p.ns2), dtype=torch.float32, device=q.device)
-    if row is None:
-        row_arg, srow = part, 0
-    else:
-        row_arg, srow = row, row.stride(0)
     grid = (p.ns2, p.B)
     _agreement_kernel[grid](
-        q, key_cache, block_table, seq_lens, lse, row_arg, part, cnt, res,
+        q, key_cache, block_table, seq_lens, lse, part, cnt, res,
         float(scale), p.B, p.H, p.ns2, p.kps2, p.L_CAP, float(h_row),
         q.stride(0), q.stride(1), q.stride(2),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), key_cache.stride(3),
-        block_table.stride(0), block_table.stride(1), lse.stride(0), lse.stride(1), srow,
+        block_table.stride(0), block_table.stride(1), lse.stride(0), lse.stride(1),
         G=p.G, HKV=p.HKV, HKV_PAD=p.HKV_PAD, BS=p.BS, BLOCK_N=p.block_n2, D=p.D,
-        D_PAD=p.D_PAD, H_PAD=p.H_PAD, S_CHUNK=128, HALF_DOT=p.half_dot, MODE=mode,
+        D_PAD=p.D_PAD, H_PAD=p.H_PAD, S_CHUNK=128, HALF_DOT=p.half_dot,
         REVERSE=p.reverse, NORMALIZE=normalize,
         num_warps=p.num_warps2, num_stages=p.num_stages2,
     )
@@ -603,8 +574,8 @@ def paged_attention_stats(q: torch.Tensor, key_cache: torch.Tensor, block_table:
     head = scratch[n1:n1 + nh].view(3, B, H)
     part2 = scratch[n1 + nh:].view(B, p.ns2)
     _launch_pass1(p, q, key_cache, block_table, seq_lens, scale, cnt[0], head, out, part1)
-    _launch_pass2(p, q, key_cache, block_table, seq_lens, scale, head[0], None, cnt[1], out[2],
-                  mode=0, h_row=p.H, normalize=True, part=part2)
+    _launch_pass2(p, q, key_cache, block_table, seq_lens, scale, head[0], cnt[1], out[2],
+                  h_row=p.H, normalize=True, part=part2)
     return AttnStats(attn_entropy=out[0], attn_varentropy=out[1], agreement=out[2],
                      interaction_strength=out[3])
 
@@ -621,7 +592,7 @@ class HeadStats:
 
 def head_stats(q, key_cache, block_table, seq_lens, scale, max_seq_len=None,
                **tuning) -> HeadStats:
-    """Pass 1 for the heads in ``q`` / ``key_cache`` (e.g. one TP rank's)."""
+    """Pass 1 alone (benchmarks): the per-head results."""
     p = _plan(q, key_cache, block_table, seq_lens, max_seq_len, **tuning)
     dev = q.device
     head = torch.zeros((3, p.B, p.H), dtype=torch.float32, device=dev)
@@ -632,52 +603,15 @@ def head_stats(q, key_cache, block_table, seq_lens, scale, max_seq_len=None,
     return HeadStats(lse=head[0], entropy=head[1], abs_sum=head[2])
 
 
-def attention_row_sum(q, key_cache, block_table, seq_lens, scale, lse, max_seq_len=None,
+def agreement_abs_sum(q, key_cache, block_table, seq_lens, scale, lse, max_seq_len=None,
                       **tuning) -> torch.Tensor:
-    """``[B, R]`` float32, ``R = max_seq_len`` (or the block table's capacity):
-    entry ``[b, k]`` is ``sum_h P_hk`` over the heads in ``q`` for ``k < L_b``,
-    0 beyond. ``lse`` ``[B, H]`` from :func:`head_stats`."""
-    p = _plan(q, key_cache, block_table, seq_lens, max_seq_len, **tuning)
-    row = torch.zeros((p.B, p.bound), dtype=torch.float32, device=q.device)
-    if p.B:
-        _launch_pass2(p, q, key_cache, block_table, seq_lens, scale, lse, row,
-                      torch.zeros(1, dtype=torch.int32, device=q.device), row,
-                      mode=1, h_row=1.0, normalize=False)
-    return row
-
-
-def agreement_abs_sum(q, key_cache, block_table, seq_lens, scale, lse, row_mean=None,
-                      max_seq_len=None, **tuning) -> torch.Tensor:
-    """``[B]`` float32: ``sum_{h,k} |P_hk - Pbar_k|`` over the heads in ``q``.
-
-    ``row_mean`` ``[B, >= L]``: the mean attention row over *all* heads of the
-    layer (after the all-reduce of :func:`attention_row_sum` divided by H).
-    Without it, the mean is taken over the heads in ``q`` (single rank)."""
+    """Pass 2 alone (benchmarks): ``[B]`` float32 ``sum_{h,k} |P_hk - Pbar_k|``
+    with ``lse`` ``[B, H]`` from :func:`head_stats`."""
     p = _plan(q, key_cache, block_table, seq_lens, max_seq_len, **tuning)
     dev = q.device
     res = torch.zeros(p.B, dtype=torch.float32, device=dev)
     if p.B:
         cnt = torch.zeros(p.B, dtype=torch.int32, device=dev)
-        mode = 0 if row_mean is None else 2
-        _launch_pass2(p, q, key_cache, block_table, seq_lens, scale, lse, row_mean, cnt, res,
-                      mode=mode, h_row=p.H, normalize=False)
+        _launch_pass2(p, q, key_cache, block_table, seq_lens, scale, lse, cnt, res,
+                      h_row=p.H, normalize=False)
     return res
-
-
-def combine(entropy: torch.Tensor, abs_sum: torch.Tensor, agreement_sum: torch.Tensor,
-            seq_lens: torch.Tensor) -> AttnStats:
-    """The figures from per-head results gathered over all heads (``[B, H]``
-    each) and the all-reduced ``agreement_abs_sum`` (``[B]``). Torch ops; rows
-    with 0 keys give zeros."""
-    H = entropy.shape[1]
-    L = seq_lens.to(torch.float32).clamp_min(0)
-    live = L > 0
-    Ls = torch.where(live, L, torch.ones_like(L))
-    ent = entropy.float()
-    ae = ent.mean(1)
-    av = ((ent - ae[:, None]) ** 2).mean(1)
-    agr = agreement_sum.float() / (H * Ls)
-    is_ = abs_sum.float().sum(1) / (H * Ls)
-    z = torch.zeros_like(ae)
-    return AttnStats(attn_entropy=torch.where(live, ae, z), attn_varentropy=torch.where(live, av, z),
-                     agreement=torch.where(live, agr, z), interaction_strength=torch.where(live, is_, z))

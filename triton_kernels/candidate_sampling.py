@@ -2,7 +2,7 @@
 
 :func:`sample_candidates` implements ``entropix_vllm.ops.sample_candidates``
 (SPEC section 4 on the candidates), bit-for-bit in its decisions with
-``ops.reference_sample_candidates``: one program per row over the row's ``K``
+``entropix_vllm.torch_ops.sample_candidates``: one program per row over the row's ``K``
 candidates, computing in float64 like the reference:
 
 1. ``s = v / T`` (non-finite candidate values count as ``-inf``);

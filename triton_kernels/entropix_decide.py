@@ -11,14 +11,14 @@ row does, in float64 like ``reference.branch_params``,
    draw);
 2. the draw among the row's candidates (``candidate_sampling.sample_row``:
    min_p, top_k, top_p, the exponential race over ``n_draws`` draws) with
-   those parameters, clamped as ``step.entropix_step`` clamps them;
+   those parameters, clamped to the ranges of ``contract.py``;
 3. the token: the argmax for argmax rows, rows with non-finite figures and
    rows whose temperature is not positive; the CoT token for insert rows
    unless the previous generated token was already it, it is out of range or
    its logit is ``-inf``/NaN (masked); the draw otherwise.
 
-Replaces the ~180 small tensor ops of the same steps (the ``"torch"`` path of
-``ops.decide_and_sample``; each a kernel launch on a GPU) with one launch; its
+Replaces the ~180 small tensor ops of the same steps (the ``"torch"`` backend,
+``torch_ops.decide_and_sample``; each a kernel launch on a GPU) with one launch; its
 results equal those of the tensor-op path (the parameters to the last bit:
 the same float64 operations in the same order, no FMA contraction). The CPU
 twin is the C++ op ``entropix::decide_and_sample`` (``csrc/decide.cpp``).
@@ -26,76 +26,28 @@ twin is the C++ op ``entropix::decide_and_sample`` (``csrc/decide.cpp``).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from entropix_vllm import contract
+
 from .candidate_sampling import sample_row
 
-# branch codes (reference.ARGMAX ... reference.ADAPTIVE)
-ARGMAX = tl.constexpr(0)
-INSERT_COT = tl.constexpr(1)
-EXPLORE = tl.constexpr(2)
-RESAMPLE = tl.constexpr(3)
-ADAPTIVE = tl.constexpr(4)
-
-# the coefficient columns the kernel reads: (its launch-constant name, the
-# EntropixConfig field); the constant is that field's column in the table
-_COLUMN_ARGS = (
-    ("I_T0", "temperature"), ("I_P0", "top_p"), ("I_K0", "top_k"), ("I_M0", "min_p"),
-    ("I_LE", "low_ent_thresh"), ("I_ME", "med_ent_thresh"), ("I_HE", "high_ent_thresh"),
-    ("I_LV", "low_vent_thresh"), ("I_HV", "high_vent_thresh"),
-    ("I_HELV_OFF", "helv_attn_ent_offset"), ("I_HELV_COEF", "helv_attn_ent_coef"),
-    ("I_HELV_MAX", "helv_max_temp"),
-    ("I_LEHV_OFF", "lehv_interaction_strength_offset"),
-    ("I_LEHV_COEF", "lehv_interaction_strength_coef"), ("I_LEHV_MAX", "lehv_max_temp"),
-    ("I_LEHV_MINK", "lehv_min_top_k"), ("I_LEHV_AGREE", "lehv_top_k_agree_coef"),
-    ("I_HEHV_OFF", "hehv_attn_vent_offset"), ("I_HEHV_COEF", "hehv_attn_vent_coef"),
-    ("I_HEHV_MIN", "hehv_min_temp"), ("I_HEHV_ENT", "hehv_attn_ent_coef"),
-    ("I_HEHV_MINP", "hehv_min_top_p"),
-    ("I_NADA", "n_adaptive_samples"), ("I_A_TL", "ada_temp_logits"),
-    ("I_A_TA", "ada_temp_attn"), ("I_A_TG", "ada_temp_agree"), ("I_A_P", "ada_top_p"),
-    ("I_A_PMIN", "ada_top_p_min"), ("I_A_PMAX", "ada_top_p_max"),
-    ("I_A_KI", "ada_top_k_int"), ("I_A_KG", "ada_top_k_agree"),
-    ("I_A_KMIN", "ada_top_k_min"), ("I_A_KMAX", "ada_top_k_max"), ("I_A_M", "ada_min_p"),
-    ("I_A_MMIN", "ada_min_p_min"), ("I_A_MMAX", "ada_min_p_max"),
-)
-# the same columns in that order (also the order of the C++ op's `columns`)
-COEFF_COLUMNS = tuple(name for _, name in _COLUMN_ARGS)
-
-
-@functools.lru_cache(maxsize=None)
-def _column_constants(coeff_names: tuple) -> dict:
-    """``{launch-constant name: column}`` for a table with ``coeff_names`` columns."""
-    index = {n: i for i, n in enumerate(coeff_names)}
-    missing = [n for n in COEFF_COLUMNS if n not in index]
-    if missing:
-        raise ValueError(f"coeff_table: no column for {missing}")
-    return {arg: index[name] for arg, name in _COLUMN_ARGS}
-
-
-# branch codes (reference.ARGMAX ... reference.ADAPTIVE)
-ARGMAX = tl.constexpr(0)
-INSERT_COT = tl.constexpr(1)
-EXPLORE = tl.constexpr(2)
-RESAMPLE = tl.constexpr(3)
-ADAPTIVE = tl.constexpr(4)
-
-# coefficient columns the kernel reads, by name (their indices are launch constants)
-COEFF_COLUMNS = (
-    "temperature", "top_p", "top_k", "min_p",
-    "low_ent_thresh", "med_ent_thresh", "high_ent_thresh", "low_vent_thresh", "high_vent_thresh",
-    "helv_attn_ent_offset", "helv_attn_ent_coef", "helv_max_temp",
-    "lehv_interaction_strength_offset", "lehv_interaction_strength_coef", "lehv_max_temp",
-    "lehv_min_top_k", "lehv_top_k_agree_coef",
-    "hehv_attn_vent_offset", "hehv_attn_vent_coef", "hehv_min_temp", "hehv_attn_ent_coef",
-    "hehv_min_top_p",
-    "n_adaptive_samples", "ada_temp_logits", "ada_temp_attn", "ada_temp_agree", "ada_top_p",
-    "ada_top_p_min", "ada_top_p_max", "ada_top_k_int", "ada_top_k_agree", "ada_top_k_min",
-    "ada_top_k_max", "ada_min_p", "ada_min_p_min", "ada_min_p_max",
-)
+# branch codes (contract.ARGMAX ... contract.ADAPTIVE)
+ARGMAX = tl.constexpr(contract.ARGMAX)
+INSERT_COT = tl.constexpr(contract.INSERT_COT)
+EXPLORE = tl.constexpr(contract.EXPLORE)
+RESAMPLE = tl.constexpr(contract.RESAMPLE)
+ADAPTIVE = tl.constexpr(contract.ADAPTIVE)
+# clamps of the drawn parameters (contract.py)
+TOP_P_MIN = tl.constexpr(contract.TOP_P_MIN)
+TOP_P_MAX = tl.constexpr(contract.TOP_P_MAX)
+MIN_P_MIN = tl.constexpr(contract.MIN_P_MIN)
+MIN_P_MAX = tl.constexpr(contract.MIN_P_MAX)
+# the kernel's launch constant of each coefficient column it reads:
+# "I_" + the column's short name (contract.DECIDE_COLUMNS order)
+_COLUMN_CONSTANTS = tuple(f"I_{short}" for short, _ in contract.DECIDE_COLUMNS)
 
 
 @triton.jit
@@ -215,8 +167,8 @@ def _decide_kernel(
     n_i = tl.minimum(tl.maximum(n_i, 1), N).to(tl.int32)
     one = tl.full([], 1.0, tl.float32)
     t_use = tl.where(draw_ok, t32, one)
-    p_use = tl.where(draw_ok, tl.minimum(tl.maximum(p32, 1e-6), 1.0), one)
-    m_use = tl.where(draw_ok, tl.minimum(tl.maximum(m32, 0.0), 1.0 - 1e-6), one * 0.0)
+    p_use = tl.where(draw_ok, tl.minimum(tl.maximum(p32, TOP_P_MIN), TOP_P_MAX), one)
+    m_use = tl.where(draw_ok, tl.minimum(tl.maximum(m32, MIN_P_MIN), MIN_P_MAX), one * 0.0)
     drawn = sample_row(cv_ptr + r64 * s_cv, ci_ptr + r64 * s_ci, q_ptr + r64 * s_qb, s_qj, K, N,
                        t_use.to(tl.float64), k_i, p_use.to(tl.float64), m_use.to(tl.float64),
                        n_i, KP).to(tl.int64)
@@ -240,20 +192,25 @@ def _decide_kernel(
     tl.store(n_ptr + row, ndraw.to(tl.int64))
 
 
-def decide_and_sample(entropy, varentropy, attn, coeff_table, coeff_names, cand_vals, cand_ids,
-                      noise, argmax, cot_token, prev_is_cot, logits, k_max: int):
-    """See ``entropix_vllm.ops.decide_and_sample``; returns ``(tokens, branch,
-    temperature, top_k, top_p, min_p, n_draws)``."""
+def decide_and_sample(entropy, varentropy, attn, coeff_table, columns, cand_vals, cand_ids,
+                      noise, argmax, cot_token, prev_is_cot, logits):
+    """See ``entropix_vllm.ops.decide_and_sample``; ``columns``: the table's
+    column of each entry of ``contract.DECIDE_COLUMNS``. Returns ``(tokens,
+    contract.BranchParams)``."""
     B = entropy.shape[0]
     dev = entropy.device
     ibuf = torch.empty(4, B, device=dev, dtype=torch.int64)
     fbuf = torch.empty(3, B, device=dev, dtype=torch.float32)
     tokens, branch, top_k, n_draws = ibuf.unbind(0)
     temperature, top_p, min_p = fbuf.unbind(0)
-    out = (tokens, branch, temperature, top_k, top_p, min_p, n_draws)
+    out = (tokens, contract.BranchParams(branch=branch, temperature=temperature, top_k=top_k,
+                                         top_p=top_p, min_p=min_p, n_draws=n_draws))
     if B == 0:
         return out
-    idx = _column_constants(tuple(coeff_names))
+    if len(columns) != len(_COLUMN_CONSTANTS):
+        raise ValueError(f"columns: expected {len(_COLUMN_CONSTANTS)} column indices, got "
+                         f"{len(columns)}")
+    idx = dict(zip(_COLUMN_CONSTANTS, (int(c) for c in columns)))
     table = coeff_table if coeff_table.stride(1) == 1 else coeff_table.contiguous()
     cv = cand_vals if cand_vals.stride(1) == 1 else cand_vals.contiguous()
     ci = cand_ids if cand_ids.stride(1) == 1 else cand_ids.contiguous()
@@ -274,6 +231,6 @@ def decide_and_sample(entropy, varentropy, attn, coeff_table, coeff_names, cand_
         lg, lg.stride(0),
         lg.shape[1],
         tokens, branch, temperature, top_k, top_p, min_p, n_draws,
-        HAS_ATTN=attn is not None, K_CLAMP=int(k_max), KP=KP,
+        HAS_ATTN=attn is not None, K_CLAMP=contract.K_MAX, KP=KP,
         num_warps=4 if KP <= 64 else 8, enable_fp_fusion=False, **idx)
     return out

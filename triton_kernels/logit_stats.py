@@ -83,8 +83,7 @@ import torch
 import triton
 import triton.language as tl
 
-from entropix_vllm.config import K_MAX
-from entropix_vllm.reference import LogitStats
+from entropix_vllm.contract import K_MAX, LogitStats
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)

@@ -35,131 +35,100 @@ Construction of ``E``:
    precision) and ``-log(w)`` otherwise. ``E`` is finite and positive; its
    largest value is about 22.9.
 
-Backends: :func:`exponential_noise_triton` (the kernel; CUDA tensors, or CPU
-tensors under ``TRITON_INTERPRET=1``) and :func:`exponential_noise_torch`
-(the same integer hash and float formula with torch ops, for CPU or when
-Triton is not usable). The hash bits are identical on both; the float result
-agrees to a few ulp (``log`` implementations differ). Use one backend for
-every rank of a tensor-parallel group (the ``"auto"`` choice depends only on
-the device type, so it does).
+This module is the Triton backend of ``entropix_vllm.ops.seeded_exponential_noise``
+(CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``); the torch backend,
+the same integer hash and float formula with torch ops, is
+``entropix_vllm.torch_ops.seeded_exponential_noise``. The constants (``DOMAIN``
+and the others) are ``entropix_vllm.contract``'s ``NOISE_*``. The hash bits are
+identical on both backends; the float result agrees to a few ulp (``log``
+implementations differ). ``ops`` checks the arguments.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-try:  # the torch fallback must stay importable without Triton
-    import triton
-    import triton.language as tl
-    _HAS_TRITON = True
-except Exception:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
-    _HAS_TRITON = False
+from entropix_vllm import contract
 
 #: Initial murmur3 state of this noise stream.
-DOMAIN = 0x6A09E667
+DOMAIN = contract.NOISE_DOMAIN
 #: Offset stride between draws: ``offset = draw * OFFSET_STRIDE + candidate``.
-OFFSET_STRIDE = 65536
+OFFSET_STRIDE = contract.NOISE_OFFSET_STRIDE
 #: Below this uniform value ``E`` comes from the series.
-SERIES_BELOW = 0.125
-
-_C1 = 0xCC9E2D51
-_C2 = 0x1B873593
-_M5 = 0xE6546B64
-_F1 = 0x85EBCA6B
-_F2 = 0xC2B2AE35
-_NUM_WORDS = 5
-_M32 = 0xFFFFFFFF
+SERIES_BELOW = contract.NOISE_SERIES_BELOW
 
 
-def _check(seeds: torch.Tensor, positions: torch.Tensor, num_draws: int,
-           num_candidates: int) -> None:
-    if seeds.dim() != 1 or positions.dim() != 1 or seeds.shape != positions.shape:
-        raise ValueError(f"seeds and positions: expected two [B] tensors, got "
-                         f"{tuple(seeds.shape)} and {tuple(positions.shape)}")
-    if seeds.device != positions.device:
-        raise ValueError("seeds and positions must be on one device")
-    if seeds.dtype.is_floating_point or positions.dtype.is_floating_point:
-        raise ValueError("seeds and positions must be integer tensors")
-    if num_draws < 0 or not 0 <= num_candidates <= OFFSET_STRIDE:
-        raise ValueError(f"num_draws >= 0 and 0 <= num_candidates <= {OFFSET_STRIDE} expected, "
-                         f"got {num_draws}, {num_candidates}")
+@triton.jit
+def _rotl32(v, s: tl.constexpr):
+    return (v << s) | (v >> (32 - s))
 
 
-# ----------------------------------------------------------------------------
-# Triton
-# ----------------------------------------------------------------------------
-if _HAS_TRITON:
-    @triton.jit
-    def _rotl32(v, s: tl.constexpr):
-        return (v << s) | (v >> (32 - s))
-
-    @triton.jit
-    def _mix(h, k):
-        k = k * 0xCC9E2D51
-        k = _rotl32(k, 15)
-        k = k * 0x1B873593
-        h = h ^ k
-        h = _rotl32(h, 13)
-        return h * 5 + 0xE6546B64
-
-    @triton.jit
-    def _fmix(h):
-        h = h ^ (h >> 16)
-        h = h * 0x85EBCA6B
-        h = h ^ (h >> 13)
-        h = h * 0xC2B2AE35
-        return h ^ (h >> 16)
-
-    @triton.jit
-    def _exp_noise_kernel(out_ptr, seed_ptr, pos_ptr, n_total, num_candidates,
-                          s_out_b, s_out_n,
-                          DOMAIN_: tl.constexpr, STRIDE: tl.constexpr,
-                          SERIES_BELOW_: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = idx < n_total
-        j = idx // num_candidates
-        c = idx % num_candidates
-
-        seed = tl.load(seed_ptr + row).to(tl.int64)
-        pos = tl.load(pos_ptr + row).to(tl.int64)
-        # Row prefix, scalar: state after the seed and position words.
-        h = (seed ^ seed).to(tl.uint32) + DOMAIN_
-        h = _mix(h, (seed & 0xFFFFFFFF).to(tl.uint32))
-        h = _mix(h, ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32))
-        h = _mix(h, (pos & 0xFFFFFFFF).to(tl.uint32))
-        h = _mix(h, ((pos >> 32) & 0xFFFFFFFF).to(tl.uint32))
-        offset = (j * STRIDE + c).to(tl.uint32)
-        h = _mix(h, offset)
-        h = _fmix(h ^ 20)
-
-        hi = (h >> 16).to(tl.int32).to(tl.float32)
-        lo = (h & 0xFFFF).to(tl.int32).to(tl.float32)
-        u = hi * 1.52587890625e-05 + (lo + 0.5) * 2.3283064365386963e-10
-        w = (65535.0 - hi) * 1.52587890625e-05 + ((65535.0 - lo) + 0.5) * 2.3283064365386963e-10
-        # -log1p(-u) = u * (1 + u/2 + u^2/3 + ... + u^7/8)
-        poly = 0.125
-        poly = 0.14285714285714285 + u * poly
-        poly = 0.16666666666666666 + u * poly
-        poly = 0.2 + u * poly
-        poly = 0.25 + u * poly
-        poly = 0.3333333333333333 + u * poly
-        poly = 0.5 + u * poly
-        poly = 1.0 + u * poly
-        series = u * poly
-        direct = -tl.log(w)
-        e = tl.where(u < SERIES_BELOW_, series, direct)
-        tl.store(out_ptr + row.to(tl.int64) * s_out_b + j * s_out_n + c, e, mask=mask)
+@triton.jit
+def _mix(h, k):
+    k = k * 0xCC9E2D51
+    k = _rotl32(k, 15)
+    k = k * 0x1B873593
+    h = h ^ k
+    h = _rotl32(h, 13)
+    return h * 5 + 0xE6546B64
 
 
-def exponential_noise_triton(seeds: torch.Tensor, positions: torch.Tensor, num_draws: int,
+@triton.jit
+def _fmix(h):
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _exp_noise_kernel(out_ptr, seed_ptr, pos_ptr, n_total, num_candidates,
+                      s_out_b, s_out_n,
+                      DOMAIN_: tl.constexpr, STRIDE: tl.constexpr,
+                      SERIES_BELOW_: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n_total
+    j = idx // num_candidates
+    c = idx % num_candidates
+
+    seed = tl.load(seed_ptr + row).to(tl.int64)
+    pos = tl.load(pos_ptr + row).to(tl.int64)
+    # Row prefix, scalar: state after the seed and position words.
+    h = (seed ^ seed).to(tl.uint32) + DOMAIN_
+    h = _mix(h, (seed & 0xFFFFFFFF).to(tl.uint32))
+    h = _mix(h, ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32))
+    h = _mix(h, (pos & 0xFFFFFFFF).to(tl.uint32))
+    h = _mix(h, ((pos >> 32) & 0xFFFFFFFF).to(tl.uint32))
+    offset = (j * STRIDE + c).to(tl.uint32)
+    h = _mix(h, offset)
+    h = _fmix(h ^ 20)
+
+    hi = (h >> 16).to(tl.int32).to(tl.float32)
+    lo = (h & 0xFFFF).to(tl.int32).to(tl.float32)
+    u = hi * 1.52587890625e-05 + (lo + 0.5) * 2.3283064365386963e-10
+    w = (65535.0 - hi) * 1.52587890625e-05 + ((65535.0 - lo) + 0.5) * 2.3283064365386963e-10
+    # -log1p(-u) = u * (1 + u/2 + u^2/3 + ... + u^7/8)
+    poly = 0.125
+    poly = 0.14285714285714285 + u * poly
+    poly = 0.16666666666666666 + u * poly
+    poly = 0.2 + u * poly
+    poly = 0.25 + u * poly
+    poly = 0.3333333333333333 + u * poly
+    poly = 0.5 + u * poly
+    poly = 1.0 + u * poly
+    series = u * poly
+    direct = -tl.log(w)
+    e = tl.where(u < SERIES_BELOW_, series, direct)
+    tl.store(out_ptr + row.to(tl.int64) * s_out_b + j * s_out_n + c, e, mask=mask)
+
+
+def seeded_exponential_noise(seeds: torch.Tensor, positions: torch.Tensor, num_draws: int,
                              num_candidates: int) -> torch.Tensor:
     """The kernel: ``[B, num_draws, num_candidates]`` float32 Exp(1) noise."""
-    if not _HAS_TRITON:
-        raise RuntimeError("triton is not importable; use exponential_noise_torch")
-    _check(seeds, positions, num_draws, num_candidates)
     B = seeds.shape[0]
     out = torch.empty(B, num_draws, num_candidates, dtype=torch.float32, device=seeds.device)
     n_total = num_draws * num_candidates
@@ -172,91 +141,3 @@ def exponential_noise_triton(seeds: torch.Tensor, positions: torch.Tensor, num_d
                             DOMAIN_=DOMAIN, STRIDE=OFFSET_STRIDE, SERIES_BELOW_=SERIES_BELOW,
                             BLOCK=BLOCK)
     return out
-
-
-# ----------------------------------------------------------------------------
-# torch (same hash on int64 tensors holding uint32 values)
-# ----------------------------------------------------------------------------
-def _mul32(a: torch.Tensor, c: int) -> torch.Tensor:
-    # (a * c) mod 2**32 for 0 <= a, c < 2**32 without int64 overflow.
-    lo = (a & 0xFFFF) * c
-    hi = (((a >> 16) * c) & 0xFFFF) << 16
-    return (lo + hi) & _M32
-
-
-def _rotl(v: torch.Tensor, s: int) -> torch.Tensor:
-    return ((v << s) | (v >> (32 - s))) & _M32
-
-
-def _mix_t(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    k = _mul32(k, _C1)
-    k = _rotl(k, 15)
-    k = _mul32(k, _C2)
-    h = h ^ k
-    h = _rotl(h, 13)
-    return (_mul32(h, 5) + _M5) & _M32
-
-
-def _fmix_t(h: torch.Tensor) -> torch.Tensor:
-    h = h ^ (h >> 16)
-    h = _mul32(h, _F1)
-    h = h ^ (h >> 13)
-    h = _mul32(h, _F2)
-    return h ^ (h >> 16)
-
-
-def noise_hash_torch(seeds: torch.Tensor, positions: torch.Tensor, num_draws: int,
-                     num_candidates: int) -> torch.Tensor:
-    """The 32-bit hashes ``[B, N, K]`` (int64 holding uint32) behind the noise."""
-    _check(seeds, positions, num_draws, num_candidates)
-    s = seeds.to(torch.int64)
-    p = positions.to(torch.int64)
-    h = torch.full_like(s, DOMAIN)
-    h = _mix_t(h, s & _M32)
-    h = _mix_t(h, (s >> 32) & _M32)
-    h = _mix_t(h, p & _M32)
-    h = _mix_t(h, (p >> 32) & _M32)
-    dev = seeds.device
-    offs = (torch.arange(num_draws, dtype=torch.int64, device=dev)[:, None] * OFFSET_STRIDE
-            + torch.arange(num_candidates, dtype=torch.int64, device=dev)[None, :])
-    h = _mix_t(h[:, None, None].expand(-1, num_draws, num_candidates), offs[None])
-    return _fmix_t(h ^ (4 * _NUM_WORDS))
-
-
-def exponential_noise_torch(seeds: torch.Tensor, positions: torch.Tensor, num_draws: int,
-                            num_candidates: int) -> torch.Tensor:
-    """Torch fallback: the same noise as the kernel (a few ulp apart)."""
-    h = noise_hash_torch(seeds, positions, num_draws, num_candidates)
-    f32 = torch.float32
-    hi = (h >> 16).to(f32)
-    lo = (h & 0xFFFF).to(f32)
-
-    def c(x: float) -> torch.Tensor:
-        return torch.tensor(x, dtype=f32, device=h.device)
-
-    u = hi * c(1.52587890625e-05) + (lo + c(0.5)) * c(2.3283064365386963e-10)
-    w = (c(65535.0) - hi) * c(1.52587890625e-05) + ((c(65535.0) - lo) + c(0.5)) * c(
-        2.3283064365386963e-10)
-    poly = c(0.125).expand_as(u)
-    for k in (0.14285714285714285, 0.16666666666666666, 0.2, 0.25, 0.3333333333333333, 0.5,
-              1.0):
-        poly = c(k) + u * poly
-    series = u * poly
-    direct = -torch.log(w)
-    return torch.where(u < c(SERIES_BELOW), series, direct).contiguous()
-
-
-def exponential_noise(seeds: torch.Tensor, positions: torch.Tensor, num_draws: int,
-                      num_candidates: int, backend: str = "auto") -> torch.Tensor:
-    """Exp(1) noise ``[B, num_draws, num_candidates]`` float32 keyed by (seed, position).
-
-    backend: ``"triton"``, ``"torch"`` or ``"auto"`` (the kernel for CUDA
-    tensors when Triton is importable, torch otherwise).
-    """
-    if backend == "auto":
-        backend = "triton" if (seeds.is_cuda and _HAS_TRITON) else "torch"
-    if backend == "triton":
-        return exponential_noise_triton(seeds, positions, num_draws, num_candidates)
-    if backend == "torch":
-        return exponential_noise_torch(seeds, positions, num_draws, num_candidates)
-    raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")

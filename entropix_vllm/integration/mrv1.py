@@ -47,7 +47,7 @@ from vllm.v1.sample.sampler import Sampler
 from .. import step as entropix_step_mod
 from ..config import K_MAX
 from . import attention
-from .runtime import EntropixRuntime, exponential_noise, to_device
+from .runtime import EntropixRuntime, batch_noise, to_device
 
 class EntropixSamplerV1(Sampler):
     """MRV1 ``Sampler`` with Entropix for the rows that use it."""
@@ -83,10 +83,10 @@ class EntropixSamplerV1(Sampler):
         if not batch.any_enabled:
             return super().sample(logits, sampling_metadata, logprobs_mode_override)
 
-        noise = exponential_noise(batch, sampling_metadata.generators, K_MAX, logits.device)
+        noise = batch_noise(batch, sampling_metadata.generators, K_MAX, logits.device)
         prev_is_cot = self._prev_is_cot(runner, num_rows, batch.cot_token)
         attn = attention.attention_stats_for_sampler(num_rows, logits.device)
-        result = entropix_step_mod.entropix_step(logits, attn, batch.coeffs, batch.cot_token,
+        result = entropix_step_mod.entropix_step(logits, attn, batch.coeff_table, batch.cot_token,
                                                  prev_is_cot, noise)
         tokens = result.tokens
         processed = self._processed_logprobs(logits, sampling_metadata, logprobs_mode_override)

@@ -310,7 +310,7 @@ def _make_sampler_class(Base):
             a = p.args
             rows = self._rows(a)
             B = logits.shape[0]
-            coeffs = step_mod.coefficient_columns(self._coeffs.gpu[rows])
+            table = self._coeffs.gpu[rows]
             cot = self._cot.gpu[rows]
             pos = a["pos"].long()
             n_draws = int(self._n_draws_np[a["idx_mapping_np"]][p.enabled_np].max())
@@ -319,7 +319,7 @@ def _make_sampler_class(Base):
             prompt_len = self.req_states.prompt_len.gpu[rows].long()
             prev_is_cot = (pos >= prompt_len) & (a["input_ids"].long() == cot)
             attn = attention.attention_stats_for_sampler(B, logits.device)
-            return step_mod.entropix_step(logits, attn, coeffs, cot, prev_is_cot, noise)
+            return step_mod.entropix_step(logits, attn, table, cot, prev_is_cot, noise)
 
         def _trace(self, a: dict, enabled: np.ndarray, result, tokens: torch.Tensor) -> None:
             writer = self.runtime.trace

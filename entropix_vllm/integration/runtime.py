@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..config import EngineConfig, parse_request_args
-from ..step import coefficient_columns, coefficient_rows
+from ..step import COEFF_NAMES, coefficient_rows
 
 logger = logging.getLogger("vllm.entropix")
 
@@ -112,7 +112,7 @@ class BatchConfig:
     any_enabled: bool
     all_enabled: bool
     enabled_dev: torch.Tensor     # [B] bool
-    coeffs: dict                  # {name: [B] float64} (device)
+    coeff_table: torch.Tensor     # [B, len(COEFF_NAMES)] float64 (device)
     cot_token: torch.Tensor       # [B] int64 (device)
     n_draws: list                 # [B] ints (host)
     max_draws: int
@@ -204,14 +204,15 @@ class EntropixRuntime:
             return b
         rows = [self.row_config(r, params_of(r)) for r in key]
         enabled = np.array([r.enabled for r in rows], dtype=bool)
-        table = torch.tensor([r.coeffs for r in rows], dtype=torch.float64).reshape(len(rows), -1)
+        table = torch.tensor([r.coeffs for r in rows], dtype=torch.float64).reshape(
+            len(rows), len(COEFF_NAMES))
         table = to_device(table, device)
         n_draws = [r.n_draws for r in rows]
         b = BatchConfig(
             req_ids=key, enabled=enabled, any_enabled=bool(enabled.any()),
             all_enabled=bool(enabled.all()) if len(rows) else False,
             enabled_dev=to_device(torch.from_numpy(enabled), device),
-            coeffs=coefficient_columns(table),
+            coeff_table=table,
             cot_token=to_device(torch.tensor([r.cot_token for r in rows], dtype=torch.int64),
                                 device),
             n_draws=n_draws, max_draws=max(n_draws, default=1))
@@ -222,8 +223,8 @@ class EntropixRuntime:
         return b
 
 
-def exponential_noise(batch: BatchConfig, generators: Mapping[int, torch.Generator],
-                      num_candidates: int, device) -> torch.Tensor:
+def batch_noise(batch: BatchConfig, generators: Mapping[int, torch.Generator],
+                num_candidates: int, device) -> torch.Tensor:
     """Exp(1) noise ``[B, max_draws, num_candidates]`` for one step.
 
     A row with a seeded generator takes exactly its own ``n_draws x
