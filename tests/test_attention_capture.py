@@ -34,6 +34,8 @@ pytest.importorskip("vllm")
 pytest.importorskip("transformers")
 
 from entropix_vllm.integration import attention as A  # noqa: E402
+from entropix_vllm.integration import engine as entropix_engine  # noqa: E402
+import attention_rpc as R  # noqa: E402
 from hf_attention import figures_at, load_hf  # noqa: E402
 from tiny_model import make_tiny_llama, tiny_prompt  # noqa: E402
 
@@ -111,8 +113,8 @@ def engine(tmp_path_factory):
     assert llm.collective_rpc(_startup_state)[0] == (
         f"model.layers.{llm.llm_engine.model_config.hf_config.num_hidden_layers - 1}.self_attn.attn",
         None)
-    A.set_debug_recording(True)
-    llm.collective_rpc(A.rpc_track_requests)
+    R.record()
+    llm.collective_rpc(R.rpc_track_requests)
     yield llm, path, kind
     del llm
     A.uninstall()
@@ -131,11 +133,11 @@ def hf_model(engine):
 def _generate(llm, prompts, max_tokens=MAX_TOKENS):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
-    llm.collective_rpc(A.rpc_records, args=(True,))  # drop older records
+    llm.collective_rpc(R.rpc_records, args=(True,))  # drop older records
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
                         SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
                         use_tqdm=False)
-    records = llm.collective_rpc(A.rpc_records, args=(True,))[0]
+    records = llm.collective_rpc(R.rpc_records, args=(True,))[0]
     return [list(o.outputs[0].token_ids) for o in outs], records
 
 
@@ -246,12 +248,12 @@ def test_first_layer_matches_hf(engine, hf_model):
     llm, path, kind = engine
     prompts = _prompts(path, kind)[1:2]
     try:
-        llm.collective_rpc(A.rpc_install, args=(0, True))
+        llm.collective_rpc(R.rpc_install, args=(0, True))
         outputs, records = _generate(llm, prompts, max_tokens=3)
         assert {rec["layer"] for rec in records} == {"model.layers.0.self_attn.attn"}
         _compare(hf_model, prompts, outputs, _rows(prompts, outputs, records), layer=0)
     finally:
-        llm.collective_rpc(A.rpc_install, args=(-1, True))
+        llm.collective_rpc(R.rpc_install, args=(-1, True))
 
 
 # ----------------------------------------------------------------------------
@@ -300,10 +302,10 @@ def test_sampler_call_raises_for_unsupported_backend(two_layer_config):
         A._STATE = saved
 
 
-def test_adjust_vllm_config_switches_full_cudagraphs():
+def test_engine_adjustments_switch_full_cudagraphs_and_row_reordering():
     from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode, ParallelConfig
 
-    class Holder:  # the two parts of a VllmConfig that adjust_vllm_config reads
+    class Holder:  # the two parts of a VllmConfig that the adjustments read
         def __init__(self, cc, pc):
             self.compilation_config, self.parallel_config = cc, pc
 
@@ -315,27 +317,27 @@ def test_adjust_vllm_config_switches_full_cudagraphs():
     pc.enable_batch_sharded_sampling = True
     pc.enable_dbo = True
     h = Holder(cc, pc)
-    changes = A.adjust_vllm_config(h)
+    changes = entropix_engine.adjust_before_vllm(h) + entropix_engine.adjust_after_vllm(h)
     assert cc.cudagraph_mode == CUDAGraphMode.PIECEWISE and len(changes) == 3
     assert pc.enable_batch_sharded_sampling is False and pc.enable_dbo is False
-    assert A.adjust_vllm_config(h) == []  # idempotent; PIECEWISE stays
+    assert entropix_engine.adjust_before_vllm(h) + entropix_engine.adjust_after_vllm(h) == []
     # Without piecewise compilation there is no eager attention: no graphs.
     cc2 = CompilationConfig(mode=CompilationMode.NONE, cudagraph_mode=CUDAGraphMode.FULL_DECODE_ONLY)
-    A.adjust_vllm_config(Holder(cc2, ParallelConfig()))
+    entropix_engine.adjust_after_vllm(Holder(cc2, ParallelConfig()))
     assert cc2.cudagraph_mode == CUDAGraphMode.NONE
 
 
-def test_install_refuses_pipeline_parallelism(two_layer_config):
+def test_engine_check_refuses_pipeline_and_context_parallelism(two_layer_config):
     import copy
-    cfg = copy.copy(two_layer_config)
-    cfg.parallel_config = copy.copy(two_layer_config.parallel_config)
-    cfg.parallel_config.pipeline_parallel_size = 2
-    saved = A._STATE
-    try:
-        with pytest.raises(A.AttentionCaptureError, match="pipeline parallel"):
-            A.install(cfg, -1)
-    finally:
-        A._STATE = saved
+    for attr, what in (("pipeline_parallel_size", "pipeline parallel"),
+                       ("decode_context_parallel_size", "context parallel"),
+                       ("ubatch_size", "micro-batching")):
+        cfg = copy.copy(two_layer_config)
+        cfg.parallel_config = copy.copy(two_layer_config.parallel_config)
+        setattr(cfg.parallel_config, attr, 2)
+        with pytest.raises(entropix_engine.EntropixEngineError, match=what):
+            entropix_engine.check(cfg)
+    entropix_engine.check(two_layer_config)
 
 
 def test_prefix_cache_hit_matches_hf(engine, hf_model):

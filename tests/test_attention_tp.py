@@ -34,19 +34,19 @@ def _run_engine(model: str, tp: int, out: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from entropix_vllm.integration import attention as A
+    import attention_rpc as R
     from tiny_model import tiny_prompt
 
     llm = LLM(model=model, dtype="float32", max_model_len=512, max_num_seqs=8,
               max_num_batched_tokens=64, enable_chunked_prefill=True,
               tensor_parallel_size=tp, seed=0, enforce_eager=True)
-    assert llm.collective_rpc(A.rpc_install, args=(-1, True)) == ["ok"] * tp
-    llm.collective_rpc(A.rpc_track_requests)
+    assert llm.collective_rpc(R.rpc_install, args=(-1, True)) == ["ok"] * tp
+    llm.collective_rpc(R.rpc_track_requests)
     prompts = [tiny_prompt(n, seed=10 + i) for i, n in enumerate(PROMPT_LENS)]
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
                         SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True),
                         use_tqdm=False)
-    records = llm.collective_rpc(A.rpc_records, args=(True,))
+    records = llm.collective_rpc(R.rpc_records, args=(True,))
     with open(out, "w") as f:
         json.dump({"prompts": prompts, "outputs": [list(o.outputs[0].token_ids) for o in outs],
                    "records": records}, f)

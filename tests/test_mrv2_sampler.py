@@ -34,10 +34,11 @@ Tested here (CPU-only machine, vLLM 0.32 CPU wheel):
   - a seeded row's tokens do not depend on the rest of the batch;
   - logprobs (raw and processed modes) belong to the returned tokens;
   - attention figures left by the capture reach the step for the same rows;
-  - runner patch: idempotent; this vLLM's ``load_model`` builds the sampler
-    through the module-level ``Sampler`` name; the name is restored after
-    the build (also on error); a runner whose sampler is not ours
-    (watermarking, custom samplers) is refused.
+  - runner patch (``plugin.patch_runner``, the same for MRV1 and MRV2):
+    idempotent; this vLLM's ``load_model`` builds the sampler through the
+    module-level ``Sampler`` name; the name is restored after the build
+    (also on error); a runner whose sampler is not ours (watermarking,
+    custom samplers) is refused.
   These run in a child process. vLLM's CPU wheel disables Triton, so the
   child points ``vllm.triton_utils`` at the real (interpreted) Triton before
   any MRV2 module is imported, uses vLLM's non-UVA buffers (UVA needs pinned
@@ -59,7 +60,8 @@ Awaiting a GPU build of vLLM (not exercised here):
   prompt logprobs, the attention capture's real figures and the trace
   through the real runner;
 * tensor parallelism on MRV2 (the same tokens on every rank);
-* vLLM 0.33 (guarded only by matching argument names here).
+* vLLM 0.33 run (its source is checked against every internal used here by
+  ``tests/test_vllm_drift.py``).
 """
 
 from __future__ import annotations
@@ -354,7 +356,7 @@ class Harness:
         if entropix:
             self.runtime = EntropixRuntime(_stub_vllm_config(engine or {"cot_token": COT}),
                                            tokenizer=None)
-            self.sampler.bind(self.runtime)
+            self.sampler.bind(None, self.runtime)
         self.prompts = {}
         self.params = {}
 
@@ -625,31 +627,36 @@ class TestMRV2Sampler:
 
         import vllm.v1.worker.gpu.model_runner as runner_mod
 
-        assert mrv2.patch_model_runner_v2() is True
+        from entropix_vllm.integration import plugin
+
+        spec = next(r for r in plugin.RUNNERS if r.name == "MRV2")
+        assert spec.build_method == "load_model"
+        assert plugin.patch_runner(spec) is True
         cls = runner_mod.GPUModelRunner
         init, load = cls.__init__, cls.load_model
-        assert mrv2.patch_model_runner_v2() is True
+        assert plugin.patch_runner(spec) is True
         assert cls.__init__ is init and cls.load_model is load          # idempotent
         # This vLLM builds the sampler in load_model through the module-level name.
         src = inspect.getsource(load.__wrapped__)
         assert "self.sampler = Sampler(" in src
         ours = mrv2.sampler_class()
+        assert spec.sampler_class() is ours
         saved = runner_mod.Sampler
-        with mrv2.rebound_sampler(runner_mod, ours):
+        with plugin.rebound_sampler(runner_mod, ours):
             assert runner_mod.Sampler is ours
         assert runner_mod.Sampler is saved
         with pytest.raises(KeyError):
-            with mrv2.rebound_sampler(runner_mod, ours):
+            with plugin.rebound_sampler(runner_mod, ours):
                 raise KeyError("build failed")
         assert runner_mod.Sampler is saved
         # A runner whose sampler is not ours (watermarking, custom samplers) is refused.
         stock = Harness(entropix=False).sampler
         runtime = Harness().runtime
         with pytest.raises(RuntimeError, match="instead of its Sampler"):
-            mrv2.bind_runner_sampler(SimpleNamespace(sampler=stock), runtime, ours)
-        mrv2.bind_runner_sampler(SimpleNamespace(sampler=None), runtime, ours)
+            plugin.bind_runner_sampler(SimpleNamespace(sampler=stock), runtime, ours)
+        plugin.bind_runner_sampler(SimpleNamespace(sampler=None), runtime, ours)
         mine = Harness().sampler
-        mrv2.bind_runner_sampler(SimpleNamespace(sampler=mine), runtime, ours)
+        plugin.bind_runner_sampler(SimpleNamespace(sampler=mine), runtime, ours)
         assert mine.runtime is runtime
         assert isinstance(mine, Sampler) and mrv2.EntropixSamplerV2 is ours
 

