@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,12 @@ from typing import Mapping, Optional, Sequence
 import requests
 
 REPO = Path(__file__).resolve().parent.parent
+
+#: The trace file of the Entropix servers: a fixed path, because vLLM's compile
+#: cache is keyed on ``additional_config``, so later runs (and other servers
+#: with the same flags) reuse the compiled model. Readers take only the lines
+#: appended after their server started and match records by request id.
+ENTROPIX_TRACE_PATH = os.path.join(tempfile.gettempdir(), "entropix-vllm-e2e", "trace.jsonl")
 
 # Flags every server gets (besides the model and the port). All servers get the
 # same ones so that their numerics and scheduling limits match.

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -37,12 +36,12 @@ from entropix_vllm import bundled  # noqa: E402
 from entropix_vllm.config import EntropixConfig, parse_request_args  # noqa: E402
 from entropix_vllm.trace import read_trace, recompute_branches  # noqa: E402
 
-from e2e_server import (ServerSpec, ServerStartError, log_tail, start_servers, stop_all,  # noqa: E402
-                        vllm_executable)
+from e2e_server import (ENTROPIX_TRACE_PATH, ServerSpec, ServerStartError, log_tail,  # noqa: E402
+                        start_servers, stop_all, vllm_executable)
 
 COT_TOKEN = 4563          # " ..." on the bundled model (the tokenizer's default CoT token)
 EOS_TOKEN = 2             # <|im_end|>
-TRACE_PATH = os.path.join(tempfile.gettempdir(), "entropix-vllm-e2e", "trace.jsonl")
+TRACE_PATH = ENTROPIX_TRACE_PATH
 HTTP_TIMEOUT = 300
 
 # Per-request thresholds that force one branch for every token (SPEC section 3,

@@ -1,6 +1,7 @@
-"""The plugin's hooks into vLLM (entropix_vllm/integration/plugin.py), in-process:
-the version gate, the real ``--sampler`` flag on vLLM's own argument parser,
-engine-config checks and the per-request key validation (the HTTP 400 path).
+"""The plugin's hooks into vLLM (entropix_vllm/integration/plugin.py, engine.py),
+in-process: the version gate, the real ``--sampler`` flag on vLLM's own argument
+parser, engine-config checks, the per-request key validation (the HTTP 400
+path) and the runner choice (MRV1 / MRV2) with its refusals.
 The served behaviour is tested end to end in test_e2e_server.py.
 """
 
@@ -116,3 +117,50 @@ def test_speculative_decoding_refused():
                                         "prompt_lookup_max": 3})
     with pytest.raises(Exception, match="speculative decoding"):
         ea.create_engine_config()
+
+
+# ----------------------------------------------------------------------------
+# Runner choice (engine.py)
+# ----------------------------------------------------------------------------
+def test_runner_choice_policy():
+    from entropix_vllm.integration.engine import choose_runner
+
+    # GPU, vLLM would run MRV2, nothing blocks MRV1: the plugin prefers MRV1.
+    c = choose_runner(True, None, [])
+    assert (c.v2, c.by) == (False, "plugin") and "VLLM_USE_V2_MODEL_RUNNER=1" in c.reason
+    # vLLM says MRV1 cannot serve the engine: MRV2, naming why.
+    c = choose_runner(True, None, ["Step5"])
+    assert (c.v2, c.by) == (True, "vllm") and "Step5" in c.reason
+    # vLLM runs MRV1 anyway (CPU, no Triton); the user's variable always wins.
+    assert choose_runner(False, None, ["x"]).v2 is False
+    assert choose_runner(True, "1", []) == choose_runner(True, "1", ["x"])
+    assert choose_runner(True, "1", []).by == "user" and choose_runner(False, "0", []).v2 is False
+
+
+def test_runner_choice_on_this_cpu_engine(vllm_config, monkeypatch):
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    c = plugin.runner_choice(vllm_config)
+    assert (c.v2, c.by) == (False, "vllm")       # vLLM's own choice here: no Triton CPU backend
+    assert plugin.v2_refusal(vllm_config, "prompt_logprob_token_ids") is None
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    assert plugin.runner_choice(vllm_config).by == "user"
+
+
+def test_requests_that_need_mrv2_are_refused_naming_why(vllm_config, monkeypatch):
+    """What a GPU engine the plugin moved to MRV1 answers (vLLM's own choice: MRV2)."""
+    from entropix_vllm.integration import engine
+
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    why = engine.v2_refusal(vllm_config, True, "prompt_logprob_token_ids")
+    assert why.startswith("prompt_logprob_token_ids needs vLLM's V2 model runner")
+    assert "VLLM_USE_V2_MODEL_RUNNER=1" in why
+    # MRV2 chosen (vLLM says MRV1 cannot serve it) or the user's choice: nothing refused.
+    import copy
+    blocked = copy.copy(vllm_config)
+    blocked.parallel_config = copy.copy(vllm_config.parallel_config)
+    blocked.parallel_config.enable_batch_sharded_sampling = True
+    assert engine.runner_choice(blocked, True).v2 is True
+    assert engine.v2_refusal(blocked, True, "prompt_logprob_token_ids") is None
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    assert engine.v2_refusal(vllm_config, True, "prompt_logprob_token_ids") is None
+
