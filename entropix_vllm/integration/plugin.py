@@ -45,7 +45,6 @@ from . import engine, vllm_api
 logger = logging.getLogger("vllm.entropix")
 
 SAMPLER_CHOICES = ("default", "entropix")
-SUPPORTED_VLLM = vllm_api.SERIES
 
 _STATE = {"registered": False, "active": False, "orig_use_v2": None}
 
