@@ -142,10 +142,17 @@ def main(argv=None) -> int:
         print(f"results: {args.out}", file=sys.stderr)
     if args.plot:
         plot(args.plot, summaries, args.vote,
-             title=f"{client.model.rsplit('/', 1)[-1]}: {len(items)} items, {args.seeds} seeds")
+             title=plot_title(client.model, len(items), args.seeds, args.vote))
         print(f"plot: {args.plot}", file=sys.stderr)
     failed = sum(s["errors"] for s in summaries)
     return 1 if failed else 0
+
+
+def plot_title(model: str, items: int, seeds: int, vote) -> str:
+    """The plot's title: the model, the items and the samples behind each bar."""
+    per_item = seeds * (vote or 1)
+    how = f"{seeds} seed{'s' if seeds != 1 else ''}" + (f" x vote {vote}" if vote else "")
+    return f"{model.rsplit('/', 1)[-1]}: {items} items, {per_item} samples per item ({how})"
 
 
 if __name__ == "__main__":
