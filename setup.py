@@ -140,8 +140,9 @@ setup(
             "matplotlib",
             "openai",
             "requests",
+            "hypothesis",
         ],
-        "test": ["pytest"],
+        "test": ["pytest", "hypothesis"],
     },
     entry_points={
         "vllm.general_plugins": ["entropix = entropix_vllm.integration.plugin:register"],

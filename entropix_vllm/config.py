@@ -53,13 +53,52 @@ PRESET_DIR = Path(__file__).resolve().parent / "presets"
 DEFAULT_PRESET = "classic"
 _PRESET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
+# Finite upper bounds of the unbounded-looking coefficients: every product the
+# branch formulas of SPEC section 3 form from them (with the figures, which are
+# finite bits / bits^2 / |scores|) stays finite in float32, and every derived
+# temperature, top_k, top_p and min_p is finite.
+MAX_TEMP = 100.0        # temperatures (T0 and the branches' caps/floors)
+MAX_THRESH = 1e6        # entropy / varentropy thresholds (1e6: "never fires")
+MAX_COEF = 1e3          # offsets and coefficients of the branch formulas
+#: Longest text a value may have to be parsed as a number (a float's repr is
+#: < 30 characters; longer digit strings are refused before int()/float()).
+MAX_NUMBER_TEXT = 64
+#: Longest CoT text (one token's text is far shorter) and file path accepted.
+MAX_COT_TEXT = 256
+MAX_PATH_TEXT = 4096
+#: Longest echo of a refused value in an error message.
+MAX_ECHO = 80
+
 
 class EntropixConfigError(ValueError):
     """An invalid Entropix configuration value; the message names the key."""
 
     def __init__(self, key: str, message: str):
         self.key = key
+        self.reason = message
         super().__init__(f"{key}: {message}")
+
+
+def show(value: Any, limit: int = MAX_ECHO) -> str:
+    """A bounded, printable echo of a refused value (never raises)."""
+    try:
+        if isinstance(value, str):
+            text = repr(value[:limit + 1])
+        elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+            return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+        else:
+            text = repr(value)
+    except Exception:  # a repr that fails (e.g. int-to-str limits)
+        text = f"<{type(value).__name__}>"
+    if len(text) > limit:
+        extra = f" ({len(value)} characters)" if isinstance(value, str) else ""
+        text = text[:limit] + "..." + extra
+    return text
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "an object", list: "an array", type(None): "null", str: "a string",
+            bool: "a boolean"}.get(type(value), type(value).__name__)
 
 
 # ----------------------------------------------------------------------------
@@ -93,52 +132,53 @@ class EntropixConfig:
     """
 
     # Base sampling parameters (T0, P0, K0, M0).
-    temperature: float = _f(0.666, 0.0, None, lo_open=True, doc="T0")
+    temperature: float = _f(0.666, 0.0, MAX_TEMP, lo_open=True, doc="T0")
     top_p: float = _f(0.90, 0.0, 1.0, lo_open=True, doc="P0")
-    top_k: int = _i(27, 1, None, doc="K0 (explore widens it by up to 1+lehv_top_k_agree_coef)")
+    top_k: int = _i(27, 1, K_MAX, doc="K0 (explore widens it by up to 1+lehv_top_k_agree_coef)")
     min_p: float = _f(0.03, 0.0, 1.0, hi_open=True, doc="M0")
 
     # Thresholds (bits, bits^2).
-    low_ent_thresh: float = _f(0.1, 0.0)
-    med_ent_thresh: float = _f(3.0, 0.0)
-    high_ent_thresh: float = _f(5.0, 0.0)
-    low_vent_thresh: float = _f(0.1, 0.0)
-    high_vent_thresh: float = _f(5.0, 0.0)
+    low_ent_thresh: float = _f(0.1, 0.0, MAX_THRESH)
+    med_ent_thresh: float = _f(3.0, 0.0, MAX_THRESH)
+    high_ent_thresh: float = _f(5.0, 0.0, MAX_THRESH)
+    low_vent_thresh: float = _f(0.1, 0.0, MAX_THRESH)
+    high_vent_thresh: float = _f(5.0, 0.0, MAX_THRESH)
 
     # Insert-CoT branch: T = min(helv_max_temp, T0*(offset + coef*aE)).
-    helv_attn_ent_offset: float = _f(1.3, 0.0)
-    helv_attn_ent_coef: float = _f(0.2, 0.0)
-    helv_max_temp: float = _f(1.5, 0.0, lo_open=True)
+    helv_attn_ent_offset: float = _f(1.3, 0.0, MAX_COEF)
+    helv_attn_ent_coef: float = _f(0.2, 0.0, MAX_COEF)
+    helv_max_temp: float = _f(1.5, 0.0, MAX_TEMP, lo_open=True)
 
     # Explore branch: T = min(lehv_max_temp, T0*(offset + coef*IS)),
     # top_k = max(lehv_min_top_k, int(K0*(1 + lehv_top_k_agree_coef*(1-agr)))).
-    lehv_interaction_strength_offset: float = _f(1.2, 0.0)
-    lehv_interaction_strength_coef: float = _f(0.3, 0.0)
-    lehv_max_temp: float = _f(1.5, 0.0, lo_open=True)
+    lehv_interaction_strength_offset: float = _f(1.2, 0.0, MAX_COEF)
+    lehv_interaction_strength_coef: float = _f(0.3, 0.0, MAX_COEF)
+    lehv_max_temp: float = _f(1.5, 0.0, MAX_TEMP, lo_open=True)
     lehv_min_top_k: int = _i(5, 1, K_MAX)
-    lehv_top_k_agree_coef: float = _f(0.5, 0.0)
+    lehv_top_k_agree_coef: float = _f(0.5, 0.0, K_MAX - 1.0,
+                                       doc="top_k * (1 + this) must stay <= K_MAX")
 
     # Resample branch: T = max(hehv_min_temp, T0*(offset + coef*aV)),
     # top_p = max(hehv_min_top_p, P0 - hehv_attn_ent_coef*aE).
-    hehv_attn_vent_offset: float = _f(2.0, 0.0)
-    hehv_attn_vent_coef: float = _f(0.5, 0.0)
-    hehv_min_temp: float = _f(2.0, 0.0, lo_open=True)
-    hehv_attn_ent_coef: float = _f(0.2, 0.0)
+    hehv_attn_vent_offset: float = _f(2.0, 0.0, MAX_COEF)
+    hehv_attn_vent_coef: float = _f(0.5, 0.0, MAX_COEF)
+    hehv_min_temp: float = _f(2.0, 0.0, MAX_TEMP, lo_open=True)
+    hehv_attn_ent_coef: float = _f(0.2, 0.0, MAX_COEF)
     hehv_min_top_p: float = _f(0.5, 0.0, 1.0, lo_open=True)
 
     # Adaptive branch.
     n_adaptive_samples: int = _i(5, 1, 64)
-    ada_temp_logits: float = _f(0.3, 0.0)
-    ada_temp_attn: float = _f(0.2, 0.0)
+    ada_temp_logits: float = _f(0.3, 0.0, MAX_COEF)
+    ada_temp_attn: float = _f(0.2, 0.0, MAX_COEF)
     ada_temp_agree: float = _f(0.2, 0.0, 1.0, hi_open=True, doc="< 1 keeps T > 0 (agreement <= 1)")
-    ada_top_p: float = _f(0.1, 0.0)
+    ada_top_p: float = _f(0.1, 0.0, MAX_COEF)
     ada_top_p_min: float = _f(0.1, 0.0, 1.0, lo_open=True)
     ada_top_p_max: float = _f(1.0, 0.0, 1.0, lo_open=True)
-    ada_top_k_int: float = _f(0.3, 0.0)
-    ada_top_k_agree: float = _f(0.2, 0.0)
+    ada_top_k_int: float = _f(0.3, 0.0, MAX_COEF)
+    ada_top_k_agree: float = _f(0.2, 0.0, MAX_COEF)
     ada_top_k_min: int = _i(1, 1, K_MAX)
     ada_top_k_max: int = _i(100, 1, K_MAX)
-    ada_min_p: float = _f(0.5, 0.0)
+    ada_min_p: float = _f(0.5, 0.0, MAX_COEF)
     ada_min_p_min: float = _f(0.01, 0.0, 1.0, hi_open=True)
     ada_min_p_max: float = _f(0.5, 0.0, 1.0, hi_open=True)
 
@@ -148,27 +188,41 @@ class EntropixConfig:
         self._check_cross_field(prefix="")
 
     # -- cross-field constraints --------------------------------------------
-    def _check_cross_field(self, prefix: str) -> None:
+    def _check_cross_field(self, prefix: str, sent: Optional[set] = None) -> None:
+        """Limits involving several coefficients. The error names the keys of
+        ``sent`` (those the user gave) among those involved, so a refusal never
+        names a key that was not sent; ``sent`` None: any may be named."""
+
+        def pick(*names):
+            given = [n for n in names if sent is None or n in sent]
+            return given or list(names)
+
         widest = int(self.top_k * (1.0 + self.lehv_top_k_agree_coef))
-        if max(widest, self.lehv_min_top_k) > K_MAX:
-            limit = int(K_MAX / (1.0 + self.lehv_top_k_agree_coef))
-            raise EntropixConfigError(
-                prefix + "top_k",
-                f"must be an integer in [1, {limit}] so that the explore branch's widened "
-                f"top_k (top_k * (1 + lehv_top_k_agree_coef) = {widest}) fits the "
-                f"{K_MAX} candidates the fused kernel keeps; got {self.top_k}")
-        if self.ada_top_k_min > self.ada_top_k_max:
-            raise EntropixConfigError(
-                prefix + "ada_top_k_min",
-                f"must be <= ada_top_k_max ({self.ada_top_k_max}); got {self.ada_top_k_min}")
-        if self.ada_top_p_min > self.ada_top_p_max:
-            raise EntropixConfigError(
-                prefix + "ada_top_p_min",
-                f"must be <= ada_top_p_max ({self.ada_top_p_max}); got {self.ada_top_p_min}")
-        if self.ada_min_p_min > self.ada_min_p_max:
-            raise EntropixConfigError(
-                prefix + "ada_min_p_min",
-                f"must be <= ada_min_p_max ({self.ada_min_p_max}); got {self.ada_min_p_min}")
+        if widest > K_MAX:
+            names = pick("lehv_top_k_agree_coef", "top_k") if sent is not None \
+                else ["top_k", "lehv_top_k_agree_coef"]
+            why = (f"the explore branch's widened top_k (top_k * (1 + lehv_top_k_agree_coef) "
+                   f"= {self.top_k} * (1 + {self.lehv_top_k_agree_coef:g}) = {widest}) must fit "
+                   f"the {K_MAX} candidates the fused kernel keeps")
+            if names[0] == "top_k":
+                limit = max(1, int(K_MAX / (1.0 + self.lehv_top_k_agree_coef)))
+                rng = f"an integer in [1, {limit}] (with lehv_top_k_agree_coef {self.lehv_top_k_agree_coef:g})"
+            else:
+                limit = K_MAX / self.top_k - 1.0
+                rng = f"a finite number in [0, {limit:g}] (with top_k {self.top_k})"
+            value = getattr(self, names[0])
+            raise EntropixConfigError(prefix + names[0], f"expected {rng}: {why}; got {value!r}")
+        for lo_name, hi_name in (("ada_top_k_min", "ada_top_k_max"),
+                                 ("ada_top_p_min", "ada_top_p_max"),
+                                 ("ada_min_p_min", "ada_min_p_max")):
+            lo, hi = getattr(self, lo_name), getattr(self, hi_name)
+            if lo > hi:
+                name = pick(lo_name, hi_name)[0]
+                if name == lo_name:
+                    raise EntropixConfigError(
+                        prefix + lo_name, f"must be <= {hi_name} ({hi!r}); got {lo!r}")
+                raise EntropixConfigError(
+                    prefix + hi_name, f"must be >= {lo_name} ({lo!r}); got {hi!r}")
 
     # -- builders ------------------------------------------------------------
     @classmethod
@@ -176,21 +230,49 @@ class EntropixConfig:
         return tuple(f.name for f in fields(cls))
 
     def replace(self, overrides: Mapping[str, Any], prefix: str = "") -> "EntropixConfig":
-        """A copy with ``overrides`` applied; errors name ``prefix + key``."""
+        """A copy with ``overrides`` applied; errors name ``prefix + key``
+        (cross-field errors: one of the keys of ``overrides``)."""
         known = {f.name: f for f in fields(self)}
         values = {}
         for key, value in overrides.items():
             if key not in known:
-                raise EntropixConfigError(
-                    prefix + key,
-                    "unknown Entropix coefficient; known keys are "
-                    + ", ".join(prefix + n for n in known))
+                raise unknown_key_error(prefix, key, known)
             values[key] = _coerce(known[key], value, prefix + key)
-        try:
-            out = dataclasses.replace(self, **values)
-        except EntropixConfigError as e:  # re-raise naming the user's key
-            raise EntropixConfigError(prefix + e.key, str(e).split(": ", 1)[1]) from None
+        out = _unchecked_replace(self, values)
+        out._check_cross_field(prefix, sent=set(values))
         return out
+
+
+def _unchecked_replace(cfg: "EntropixConfig", values: Mapping[str, Any]) -> "EntropixConfig":
+    """``cfg`` with already-coerced ``values``, without the cross-field check."""
+    out = object.__new__(type(cfg))
+    for f in fields(cfg):
+        object.__setattr__(out, f.name, values.get(f.name, getattr(cfg, f.name)))
+    return out
+
+
+def _norm_key(key: str) -> str:
+    """A key as compared for near misses: no case, spaces, '-' or '_'."""
+    return re.sub(r"[\s_-]+", "", key).lower()
+
+
+def unknown_key_error(prefix: str, key: str, known) -> EntropixConfigError:
+    """The refusal of an unknown key, with the closest known one."""
+    import difflib
+
+    names = list(known)
+    by_norm = {_norm_key(n): n for n in names}
+    hint = by_norm.get(_norm_key(key)) if isinstance(key, str) else None
+    if hint is None and isinstance(key, str):
+        close = difflib.get_close_matches(_norm_key(key)[:100], list(by_norm), n=1, cutoff=0.75)
+        hint = by_norm[close[0]] if close else None
+    shown = show(key) if isinstance(key, str) else show(key)
+    key_s = key if isinstance(key, str) and len(key) <= MAX_ECHO else shown
+    msg = "unknown Entropix coefficient"
+    if hint is not None:
+        msg += f"; did you mean {prefix + hint!r}?"
+    msg += " Known keys are " + ", ".join(prefix + n for n in names)
+    return EntropixConfigError(prefix + str(key_s), msg)
 
 
 # Keys of the engine-wide `entropix` section that are not sampling coefficients.
@@ -207,6 +289,8 @@ class EngineOptions:
 
 
 _ENGINE_KEYS = {f.name for f in fields(EngineOptions)}
+#: attn_layer: an index into the model's layers (negative: from the end).
+_ATTN_LAYER_FIELD = field(default=-1, metadata=_meta("int", -100000, 100000))
 
 
 def _describe(meta) -> str:
@@ -223,37 +307,63 @@ def _describe(meta) -> str:
     return f"{what} in {lb}{lo_s}, {hi_s}{rb}"
 
 
+def _parse_number_text(text: str, kind: str):
+    """int/float of a short numeric text, else None (never raises)."""
+    t = text.strip()
+    if not t or len(t) > MAX_NUMBER_TEXT:
+        return None
+    try:
+        return int(t) if kind == "int" else float(t)
+    except (ValueError, OverflowError):
+        pass
+    if kind == "int":  # "5.0", "1e1": an integral number
+        try:
+            v = float(t)
+        except (ValueError, OverflowError):
+            return None
+        return v
+    return None
+
+
 def _coerce(f: dataclasses.Field, value: Any, key: str):
+    """``value`` as ``f``'s kind within its range, or EntropixConfigError.
+
+    Total: any Python value (what a JSON body or a config file can hold, and
+    more) gives a value or the error naming ``key`` and the accepted range.
+    """
     meta = f.metadata
     kind = meta["kind"]
     accepted = _describe(meta)
+
+    def refuse(what=None):
+        return EntropixConfigError(key, f"expected {accepted}, got {what or show(value)}")
+
     if isinstance(value, bool):
         raise EntropixConfigError(key, f"expected {accepted}, got a boolean ({value})")
     if isinstance(value, str):
-        text = value.strip()
-        try:
-            value = int(text) if kind == "int" else float(text)
-        except ValueError:
-            raise EntropixConfigError(key, f"expected {accepted}, got {value!r}") from None
-    if kind == "int":
-        if isinstance(value, float):
-            if not math.isfinite(value) or value != int(value):
-                raise EntropixConfigError(key, f"expected {accepted}, got {value!r}")
-            value = int(value)
-        if not isinstance(value, int):
-            raise EntropixConfigError(key, f"expected {accepted}, got {type(value).__name__} {value!r}")
+        parsed = _parse_number_text(value, kind)
+        if parsed is None:
+            raise refuse()
+        num = parsed
+    elif isinstance(value, (int, float)):
+        num = value
     else:
-        if not isinstance(value, (int, float)):
-            raise EntropixConfigError(key, f"expected {accepted}, got {type(value).__name__} {value!r}")
-        value = float(value)
-        if not math.isfinite(value):
-            raise EntropixConfigError(key, f"expected {accepted}, got {value!r}")
+        raise refuse(f"{_type_name(value)} {show(value)}")
+    if isinstance(num, float) and not math.isfinite(num):
+        raise refuse()
     lo, hi = meta["lo"], meta["hi"]
-    if lo is not None and (value < lo or (meta["lo_open"] and value == lo)):
-        raise EntropixConfigError(key, f"expected {accepted}, got {value!r}")
-    if hi is not None and (value > hi or (meta["hi_open"] and value == hi)):
-        raise EntropixConfigError(key, f"expected {accepted}, got {value!r}")
-    return value
+    # Range first, on the exact value (ints of any size compare exactly with floats).
+    if lo is not None and (num < lo or (meta["lo_open"] and num == lo)):
+        raise refuse()
+    if hi is not None and (num > hi or (meta["hi_open"] and num == hi)):
+        raise refuse()
+    if kind == "int":
+        if isinstance(num, float):
+            if num != math.floor(num):
+                raise refuse()
+            num = int(num)
+        return int(num)
+    return float(num)
 
 
 def parse_bool(value: Any, key: str) -> bool:
@@ -263,21 +373,36 @@ def parse_bool(value: Any, key: str) -> bool:
         return value.strip().lower() in ("true", "1", "yes", "on")
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
-    raise EntropixConfigError(key, f"expected true or false, got {value!r}")
+    raise EntropixConfigError(key, f"expected true or false, got {show(value)}")
+
+
+def _text_ok(value: str) -> bool:
+    """A string that is valid Unicode text (no lone surrogates, no NUL)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeError:
+        return False
+    return "\x00" not in value
 
 
 def parse_cot_token(value: Any, key: str) -> Union[int, str]:
+    expected = (f"expected a token id (integer >= 0) or a non-empty string (at most "
+                f"{MAX_COT_TEXT} characters, one token of the model)")
     if isinstance(value, bool):
-        raise EntropixConfigError(key, f"expected a token id (integer >= 0) or a non-empty string, got {value!r}")
+        raise EntropixConfigError(key, f"{expected}, got {show(value)}")
     if isinstance(value, int):
-        if value < 0:
-            raise EntropixConfigError(key, f"expected a token id (integer >= 0) or a non-empty string, got {value}")
+        if value < 0 or value >= 2 ** 31:
+            raise EntropixConfigError(key, f"{expected}, got {show(value)}")
         return value
-    if isinstance(value, float) and value.is_integer() and value >= 0:
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer() \
+            and 0 <= value < 2 ** 31:
         return int(value)
-    if isinstance(value, str) and value != "":
+    if isinstance(value, str) and value != "" and len(value) <= MAX_COT_TEXT and _text_ok(value):
         return value
-    raise EntropixConfigError(key, f"expected a token id (integer >= 0) or a non-empty string, got {value!r}")
+    if isinstance(value, str) and value and not _text_ok(value):
+        raise EntropixConfigError(key, f"{expected}; got a text that is not valid Unicode "
+                                       f"(a lone surrogate or NUL): {show(value)}")
+    raise EntropixConfigError(key, f"{expected}, got {show(value)}")
 
 
 # ----------------------------------------------------------------------------
@@ -314,7 +439,7 @@ def parse_preset(data: Any, source: str, default_name: Optional[str] = None) -> 
     if "coefficients" in data:
         unknown = [k for k in data if k not in _PRESET_FILE_KEYS]
         if unknown:
-            raise EntropixConfigError(source, f"unknown preset key {unknown[0]!r}; a preset file "
+            raise EntropixConfigError(source, f"unknown preset key {show(unknown[0])}; a preset file "
                                               f"has {', '.join(_PRESET_FILE_KEYS)}")
         coeffs = data["coefficients"]
         if not isinstance(coeffs, Mapping):
@@ -330,7 +455,7 @@ def parse_preset(data: Any, source: str, default_name: Optional[str] = None) -> 
         coeffs, name, description, provenance = data, default_name, "", {}
     if not isinstance(name, str) or not _PRESET_NAME.match(name):
         raise EntropixConfigError(source + ": name", "expected a preset name (letters, digits, "
-                                                     f"'.', '_', '-'), got {name!r}")
+                                                     f"'.', '_', '-'), got {show(name)}")
     cfg = EntropixConfig().replace(dict(coeffs), prefix=f"{source}: coefficients.")
     values = {k: getattr(cfg, k) for k in coeffs}
     return Preset(name=name, coefficients=values, source=source, description=description,
@@ -371,15 +496,16 @@ def looks_like_path(value: str) -> bool:
 
 
 def _engine_preset(value: Any, key: str, known: Mapping[str, Preset]) -> Preset:
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_PATH_TEXT \
+            or not _text_ok(value):
         raise EntropixConfigError(key, f"expected a preset name ({', '.join(known)}) or the path "
-                                       f"of a preset JSON file, got {value!r}")
+                                       f"of a preset JSON file, got {show(value)}")
     value = value.strip()
     if value in known:
         return known[value]
     if looks_like_path(value) or os.path.exists(value):
         return load_preset_file(value, key)
-    raise EntropixConfigError(key, f"unknown preset {value!r}; built-in presets are "
+    raise EntropixConfigError(key, f"unknown preset {show(value)}; built-in presets are "
                                    f"{', '.join(known)}, or give the path of a preset JSON file")
 
 
@@ -387,7 +513,7 @@ def request_preset(value: Any, key: str, known: Mapping[str, Preset]) -> Preset:
     """The preset a request names: a name the server knows, never a path."""
     if not isinstance(value, str):
         raise EntropixConfigError(key, f"expected a preset name ({', '.join(known)}), got "
-                                       f"{type(value).__name__}")
+                                       f"{_type_name(value)} {show(value)}")
     name = value.strip()
     if looks_like_path(name):
         raise EntropixConfigError(key, "a request names a preset, it cannot give a file path "
@@ -395,8 +521,7 @@ def request_preset(value: Any, key: str, known: Mapping[str, Preset]) -> Preset:
                                        "--additional-config.entropix.preset=PATH); known presets: "
                                        + ", ".join(known))
     if name not in known:
-        shown = name if len(name) <= 100 else name[:100] + "..."
-        raise EntropixConfigError(key, f"unknown preset {shown!r}; this server knows "
+        raise EntropixConfigError(key, f"unknown preset {show(name)}; this server knows "
                                        + ", ".join(known))
     return known[name]
 
@@ -426,13 +551,23 @@ class EngineConfig:
         sampler = ac.get("sampler", "default")
         if sampler not in ("default", "entropix"):
             raise EntropixConfigError(
-                "additional_config.sampler", f"expected 'default' or 'entropix', got {sampler!r}")
+                "additional_config.sampler", f"expected 'default' or 'entropix', got {show(sampler)}")
+        for key in ac:
+            if isinstance(key, str) and key not in ("entropix", "sampler") \
+                    and _norm_key(key) in ("entropix", "sampler"):
+                right = "entropix" if _norm_key(key) == "entropix" else "sampler"
+                raise EntropixConfigError(f"additional_config.{show(key)}",
+                                          f"unknown key; did you mean 'additional_config.{right}'?")
         section = ac.get("entropix", {}) or {}
         if not isinstance(section, Mapping):
             raise EntropixConfigError(
-                "additional_config.entropix", f"expected a mapping of coefficients, got {section!r}")
+                "additional_config.entropix", f"expected a mapping of coefficients, got {show(section)}")
         coeffs, opts = {}, {}
+        every_key = set(EntropixConfig.field_names()) | _ENGINE_KEYS
         for key, value in section.items():
+            if key not in every_key:
+                raise unknown_key_error("additional_config.entropix.", key,
+                                        list(EntropixConfig.field_names()) + sorted(_ENGINE_KEYS))
             if key in _ENGINE_KEYS:
                 opts[key] = value
             else:
@@ -468,8 +603,9 @@ def _preset_paths(value: Any, key: str) -> list:
         return []
     if isinstance(value, str):
         value = [v for v in (x.strip() for x in value.split(",")) if v]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-        raise EntropixConfigError(key, f"expected a list of preset file paths, got {value!r}")
+    if not isinstance(value, (list, tuple)) or len(value) > 256 or not all(
+            isinstance(v, str) and v and len(v) <= MAX_PATH_TEXT and _text_ok(v) for v in value):
+        raise EntropixConfigError(key, f"expected a list of preset file paths, got {show(value)}")
     return list(value)
 
 
@@ -487,21 +623,18 @@ def _parse_engine_options(opts: Mapping[str, Any]) -> EngineOptions:
     p = "additional_config.entropix."
     kw: dict[str, Any] = {}
     if "attn_layer" in opts:
-        v = opts["attn_layer"]
-        if isinstance(v, str):
-            try:
-                v = int(v.strip())
-            except ValueError:
-                raise EntropixConfigError(p + "attn_layer", f"expected an integer layer index, got {opts['attn_layer']!r}") from None
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise EntropixConfigError(p + "attn_layer", f"expected an integer layer index, got {v!r}")
-        kw["attn_layer"] = v
+        try:
+            kw["attn_layer"] = _coerce(_ATTN_LAYER_FIELD, opts["attn_layer"], p + "attn_layer")
+        except EntropixConfigError as e:
+            raise EntropixConfigError(e.key, "expected an integer layer index, " + e.reason[len("expected "):]) from None
     if "cot_token" in opts and opts["cot_token"] is not None:
         kw["cot_token"] = parse_cot_token(opts["cot_token"], p + "cot_token")
     if "trace_path" in opts and opts["trace_path"] is not None:
         v = opts["trace_path"]
-        if not isinstance(v, str) or not v:
-            raise EntropixConfigError(p + "trace_path", f"expected a file path, got {v!r}")
+        if not isinstance(v, str) or not v or len(v) > MAX_PATH_TEXT or not _text_ok(v):
+            raise EntropixConfigError(p + "trace_path", f"expected a file path (a non-empty text "
+                                                        f"of at most {MAX_PATH_TEXT} characters), "
+                                                        f"got {show(v)}")
         kw["trace_path"] = v
     if "default_on" in opts:
         kw["default_on"] = parse_bool(opts["default_on"], p + "default_on")
@@ -538,18 +671,21 @@ def parse_request_args(extra_args: Optional[Mapping[str, Any]],
     and are ignored here. Unknown ``entropix_*`` keys raise.
     """
     if not isinstance(extra_args, (Mapping, type(None))):
-        raise EntropixConfigError("vllm_xargs", f"expected a mapping, got {extra_args!r}")
+        raise EntropixConfigError("vllm_xargs", f"expected a mapping, got {show(extra_args)}")
     base = base or EntropixConfig()
     enabled: Optional[bool] = None
     overrides: dict[str, Any] = {}
     cot = None
     preset = None
     for key, value in (extra_args or {}).items():
+        if not is_request_key(key):
+            continue
+        check_request_key(key)
         if key == REQUEST_SWITCH:
             enabled = parse_bool(value, key)
         elif key == REQUEST_PRESET:
             preset = request_preset(value, key, builtin_presets() if presets is None else presets)
-        elif key.startswith(REQUEST_PREFIX):
+        else:
             name = key[len(REQUEST_PREFIX):]
             if name == "cot_token":
                 cot = parse_cot_token(value, key)
@@ -561,3 +697,38 @@ def parse_request_args(extra_args: Optional[Mapping[str, Any]],
     parsed = {k: getattr(cfg, k) for k in overrides}
     return (RequestConfig(enabled=enabled, overrides=parsed, cot_token=cot,
                           preset=preset.name if preset else None), cfg)
+
+
+#: Every key a request may send, by its normalized form (see :func:`_norm_key`).
+def request_keys() -> tuple:
+    return (REQUEST_SWITCH, REQUEST_PRESET, REQUEST_PREFIX + "cot_token") + tuple(
+        REQUEST_PREFIX + n for n in EntropixConfig.field_names())
+
+
+@functools.lru_cache(maxsize=1)
+def _request_keys_by_norm() -> Mapping[str, str]:
+    return {_norm_key(k): k for k in request_keys()}
+
+
+def is_request_key(key: Any) -> bool:
+    """Whether ``key`` is in the ``entropix`` namespace: ``entropix`` or
+    ``entropix<anything>`` ignoring case, spaces, ``-`` and ``_``."""
+    return isinstance(key, str) and _norm_key(key).startswith(REQUEST_SWITCH)
+
+
+def check_request_key(key: str) -> None:
+    """Refuse a namespace key that is not exactly a known request key, with the
+    intended key when it is a near miss (case, spaces, ``-``/``_``)."""
+    known = request_keys()
+    if key in known:
+        return
+    right = _request_keys_by_norm().get(_norm_key(key))
+    if right is not None:
+        raise EntropixConfigError(key if len(key) <= MAX_ECHO else show(key),
+                                  f"not an Entropix key as written; did you mean {right!r}?")
+    if key.startswith(REQUEST_PREFIX):
+        name = key[len(REQUEST_PREFIX):]
+        if name in _ENGINE_KEYS:
+            raise EntropixConfigError(key, "unknown per-request key: an engine option, not a per-request key (set it with "
+                                           f"--additional-config.entropix.{name}=...)")
+    raise unknown_key_error("", key, known)

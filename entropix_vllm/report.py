@@ -74,7 +74,8 @@ def summarise(records: Sequence[dict], config: EntropixConfig) -> dict:
         }
     other = Counter(r["branch"] for r in records if r["branch"] not in BRANCH_NAMES)
     recomputed = recompute_branches(records, config)
-    disagreements = [(r, b) for r, b in zip(records, recomputed) if r["branch"] != b]
+    disagreements = [(r, b) for r, b in zip(records, recomputed)
+                     if r["branch"] != b and r["branch"] != "fallback"]
     return {"tokens": n, "requests": len({r["request_id"] for r in records}),
             "branches": branches, "other": other, "disagreements": disagreements}
 

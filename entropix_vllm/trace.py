@@ -54,6 +54,9 @@ TENSOR_FIELDS = ("token_id", "entropy", "varentropy", "attn_entropy", "attn_vare
 #: Keys of one record, in the order they are written.
 RECORD_FIELDS = ("request_id", "index") + TENSOR_FIELDS
 _INT_FIELDS = frozenset({"token_id", "top_k"})
+#: ``branch`` of a record whose token vLLM's own sampler chose because the
+#: Entropix step failed (the record also has a ``fallback`` key: the cause).
+FALLBACK_BRANCH = "fallback"
 
 _THRESHOLDS = ("low_ent_thresh", "med_ent_thresh", "high_ent_thresh",
                "low_vent_thresh", "high_vent_thresh")
@@ -159,6 +162,25 @@ class TraceWriter:
             self._submitted += 1
         self._queue.put((list(request_ids), [int(i) for i in indices], host, event))
 
+    def submit_fallback(self, request_ids: Sequence[str], indices: Sequence[int],
+                        token_ids: Sequence[int], cause: str) -> None:
+        """Queue records for rows whose token vLLM's own sampler chose because
+        the Entropix step failed: ``branch`` is :data:`FALLBACK_BRANCH`, the
+        figures and parameters NaN, ``fallback`` the cause."""
+        if self._closed or not request_ids:
+            return
+        self._ensure_thread()
+        lines = []
+        for rid, idx, tok in zip(request_ids, indices, token_ids):
+            rec = {"request_id": str(rid), "index": int(idx), "token_id": int(tok)}
+            for name in TENSOR_FIELDS[1:]:
+                rec[name] = FALLBACK_BRANCH if name == "branch" else math.nan
+            rec["fallback"] = str(cause)[:200]
+            lines.append(json.dumps(rec, separators=(",", ":")))
+        with self._cond:
+            self._submitted += 1
+        self._queue.put(("\n".join(lines) + "\n",))
+
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Wait until every batch submitted so far is written (or dropped on
         error). Returns False if ``timeout`` seconds passed first."""
@@ -207,10 +229,13 @@ class TraceWriter:
                     self._cond.notify_all()
 
     def _write(self, item) -> None:
-        request_ids, indices, host, event = item
-        if event is not None:
-            event.synchronize()
-        data = format_records(request_ids, indices, host.tolist()).encode("utf-8")
+        if len(item) == 1:  # pre-formatted lines (fallback records)
+            data = item[0].encode("utf-8")
+        else:
+            request_ids, indices, host, event = item
+            if event is not None:
+                event.synchronize()
+            data = format_records(request_ids, indices, host.tolist()).encode("utf-8")
         view = memoryview(data)
         while view:  # a regular file takes it in one call; loop only on a short write
             written = os.write(self._fd, view)

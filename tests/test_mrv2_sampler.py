@@ -448,7 +448,7 @@ class TestMRV2Sampler:
                SamplingParams(temperature=0.2, top_k=3, top_p=0.5, min_p=0.3, seed=12),
                SamplingParams(seed=13, extra_args={"entropix_n_adaptive_samples": 2,
                                                    "entropix_temperature": 1.1}),
-               SamplingParams(temperature=0.0),            # no seed: vLLM draws one
+               SamplingParams(temperature=0.5),            # no seed: vLLM draws one
                SamplingParams(seed=15)]
         rids = [f"e{i}" for i in range(5)]
         h.add([(r, PROMPT, sp) for r, sp in zip(rids, sps)])
@@ -486,16 +486,20 @@ class TestMRV2Sampler:
                 ("e2", PROMPT, SamplingParams(seed=23, extra_args={"entropix": True})),
                 ("s3", PROMPT, SamplingParams(temperature=0.0, extra_args={"entropix": "false"})),
                 ("s4", PROMPT, SamplingParams(temperature=1.3, min_p=0.05, seed=24,
-                                              extra_args={"entropix": 0}))]
+                                              extra_args={"entropix": 0})),
+                # An Entropix request's own temperature 0 / top_k 1: vLLM's greedy token.
+                ("g5", PROMPT, SamplingParams(temperature=0.0)),
+                ("g6", PROMPT, SamplingParams(top_k=1, seed=25))]
         ours, stock = Harness(), Harness(entropix=False)
         ours.add(reqs)
         stock.add(reqs)
         rids = [r for r, _, _ in reqs]
-        stock_rows, e_rows = [1, 3, 4], [0, 2]
+        stock_rows, e_rows = [1, 3, 4, 5, 6], [0, 2]
         discriminated = False
         for step_no in range(4):
-            logits = _logits(["random", "random", "bimodal", "random", "random"], seed=step_no)
-            pos, ids = [5 + step_no] * 5, [9] * 5
+            logits = _logits(["random", "random", "bimodal", "random", "random", "random",
+                              "random"], seed=step_no)
+            pos, ids = [5 + step_no] * 7, [9] * 7
             tokens, processed = ours.sample(rids, logits, pos, ids, return_logprobs=True)
             ref, ref_processed = stock.sample(rids, logits, pos, ids, return_logprobs=True)
             assert torch.equal(tokens[stock_rows], ref[stock_rows])
@@ -506,9 +510,10 @@ class TestMRV2Sampler:
         assert discriminated  # Entropix tokens on stock rows would have been caught
         # A batch of stock rows only is vLLM's sampling, untouched.
         sub = [rids[i] for i in stock_rows]
-        logits = _logits(["random"] * 3, seed=7)
-        a = ours.sample(sub, logits, [8] * 3, [9] * 3, return_logprobs=True)
-        b = stock.sample(sub, logits, [8] * 3, [9] * 3, return_logprobs=True)
+        n = len(sub)
+        logits = _logits(["random"] * n, seed=7)
+        a = ours.sample(sub, logits, [8] * n, [9] * n, return_logprobs=True)
+        b = stock.sample(sub, logits, [8] * n, [9] * n, return_logprobs=True)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
     def test_allowed_tokens_and_logit_bias_reach_entropix(self):

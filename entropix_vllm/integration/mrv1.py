@@ -110,13 +110,57 @@ def _make_sampler_class(Sampler):
 
         def _sample_rows(self, runner, logits, sampling_metadata, logprobs_mode_override):
             num_rows = logits.shape[0]
-            batch = self.runtime.batch(runner.input_batch.req_ids[:num_rows],
-                                       lambda rid: runner.requests[rid].sampling_params,
-                                       logits.device)
+            try:
+                batch = self.runtime.batch(runner.input_batch.req_ids[:num_rows],
+                                           lambda rid: runner.requests[rid].sampling_params,
+                                           logits.device)
+            except Exception as e:  # noqa: BLE001 - the rows' settings: vLLM samples them all
+                self.runtime.faults.fault(e, num_rows)
+                return super().sample(logits, sampling_metadata, logprobs_mode_override)
             if not batch.any_enabled:
                 return super().sample(logits, sampling_metadata, logprobs_mode_override)
+            # A fault anywhere in the Entropix path must not take the engine down:
+            # the step's rows are then sampled by vLLM's own sampler (seeded rows
+            # from their generators as they were before the step).
+            seeded = [(g, g.get_state()) for i, g in sampling_metadata.generators.items()
+                      if i < num_rows and batch.enabled[i]]
+            try:
+                out = self._entropix_rows(runner, batch, logits, sampling_metadata,
+                                          logprobs_mode_override)
+            except Exception as e:  # noqa: BLE001 - any fault falls back, logged
+                for g, state in seeded:
+                    g.set_state(state)
+                return self._fallback(runner, batch, logits, sampling_metadata,
+                                      logprobs_mode_override, e)
+            self.runtime.faults.ok()
+            return out
 
+        def _fallback(self, runner, batch, logits, sampling_metadata, logprobs_mode_override, exc):
+            num_rows = logits.shape[0]
+            self.runtime.faults.fault(exc, int(batch.enabled.sum()))
+            tokens, processed = super().sample(logits, sampling_metadata, logprobs_mode_override)
+            try:
+                keep = batch.enabled.copy()
+                discard = getattr(runner, "discard_request_mask", None)
+                if discard is not None:
+                    keep &= ~discard.np[:num_rows]
+                rows = np.nonzero(keep)[0].tolist()
+                if rows and self.runtime.trace is not None:
+                    seq_lens = runner.optimistic_seq_lens_cpu[:num_rows].numpy()
+                    index = seq_lens - runner.input_batch.num_prompt_tokens[:num_rows]
+                    host = tokens.reshape(-1).tolist()
+                    self.runtime.trace_fallback([batch.req_ids[i] for i in rows],
+                                                [int(index[i]) for i in rows],
+                                                [int(host[i]) for i in rows],
+                                                f"{type(exc).__name__}: {exc}")
+            except Exception:  # noqa: BLE001 - the trace never takes the step down
+                pass
+            return tokens, processed
+
+        def _entropix_rows(self, runner, batch, logits, sampling_metadata, logprobs_mode_override):
+            num_rows = logits.shape[0]
             noise = batch_noise(batch, sampling_metadata.generators, K_MAX, logits.device)
+            self.runtime.faults.maybe_inject()
             prev_is_cot = self._prev_is_cot(runner, num_rows, batch.cot_token)
             attn = attention.attention_stats_for_sampler(num_rows, logits.device)
             result = entropix_step_mod.entropix_step(logits, attn, batch.coeff_table,

@@ -293,8 +293,13 @@ def _make_sampler_class(Base):
                             "is not supported by the Entropix MRV2 sampler")
                     mask = self._enabled.gpu[self._rows(a)] != 0
                     tokens = torch.where(mask, result.tokens, sampled.to(torch.int64))
+            except Exception as e:  # noqa: BLE001 - a fault falls back to vLLM's sampling
+                self._pending = None
+                self.runtime.faults.fault(e, int(enabled.sum()))
+                return super().sample(logits, *args, **kwargs)
             finally:
                 self._pending = None
+            self.runtime.faults.ok()
             self._trace(a, enabled, result, tokens)
             return tokens, processed
 
@@ -318,6 +323,7 @@ def _make_sampler_class(Base):
                                                  n_draws, K_MAX)
             prompt_len = self.req_states.prompt_len.gpu[rows].long()
             prev_is_cot = (pos >= prompt_len) & (a["input_ids"].long() == cot)
+            self.runtime.faults.maybe_inject()
             attn = attention.attention_stats_for_sampler(B, logits.device)
             return step_mod.entropix_step(logits, attn, table, cot, prev_is_cot, noise)
 

@@ -163,21 +163,26 @@ def validate_request_args(extra_args, vllm_config, tokenizer=None):
     ``entropix_cot_token`` is resolved to its token id here, where the
     tokenizer is at hand.
     """
-    from ..config import REQUEST_PREFIX, REQUEST_SWITCH, EntropixConfigError, parse_request_args
+    from ..config import EntropixConfigError, is_request_key, parse_request_args, show
     from .runtime import resolve_cot_token
 
     if not extra_args:
         return extra_args
-    ours = [k for k in extra_args if k == REQUEST_SWITCH or k.startswith(REQUEST_PREFIX)]
+    error = vllm_api.validation_error_cls()
+    if not hasattr(extra_args, "items"):
+        raise error(f"vllm_xargs: expected an object, got {show(extra_args)}",
+                    parameter="vllm_xargs", value=show(extra_args))
+    # The namespace: `entropix` / `entropix_<name>` ignoring case, spaces and
+    # '-'/'_' (near misses are ours too: refused naming the intended key).
+    ours = [k for k in extra_args if is_request_key(k)]
     if not ours:
         return extra_args
-    error = vllm_api.validation_error_cls()
     if not engine.entropix_enabled(vllm_config):
         k = ours[0]
         raise error(
-            f"vllm_xargs.{k}: this server does not run the Entropix sampler (start it with "
+            f"vllm_xargs.{show(k)}: this server does not run the Entropix sampler (start it with "
             f"--sampler entropix); Entropix keys are refused rather than ignored",
-            parameter=f"vllm_xargs.{k}", value=extra_args[k])
+            parameter=f"vllm_xargs.{show(k)}", value=show(extra_args[k]))
     cfg = engine.engine_config(vllm_config)
     try:
         req, _ = parse_request_args(extra_args, cfg.sampler, cfg.presets)
@@ -188,7 +193,7 @@ def validate_request_args(extra_args, vllm_config, tokenizer=None):
                 extra_args = {**extra_args, "entropix_cot_token": tid}
     except EntropixConfigError as e:
         raise error(f"vllm_xargs.{e}", parameter=f"vllm_xargs.{e.key}",
-                    value=extra_args.get(e.key)) from None
+                    value=show(extra_args.get(e.key))) from None
     return extra_args
 
 

@@ -29,6 +29,67 @@ from ..step import COEFF_NAMES, coefficient_rows
 
 logger = logging.getLogger("vllm.entropix")
 
+#: TEST-ONLY fault switch: when this environment variable names a file (read
+#: at start-up), every Entropix step raises while that file exists, so the
+#: tests can drive the fallback to vLLM's sampling. Never set it in production.
+TEST_FAULT_ENV = "ENTROPIX_VLLM_TEST_FAULT_FILE"
+#: At most one fault line per this many seconds (besides one per burst).
+FAULT_LOG_INTERVAL_S = 5.0
+#: vLLM treats a temperature below this as greedy (vllm.sampling_params._SAMPLING_EPS).
+GREEDY_EPS = 1e-5
+
+
+class InjectedFault(RuntimeError):
+    """The test-only fault of :data:`TEST_FAULT_ENV`."""
+
+
+class FaultGuard:
+    """Rate-limited reporting of faults of the Entropix step.
+
+    A burst of faults is the faulted steps between two successful Entropix
+    steps; the first fault of a burst logs one error line with its cause
+    (unless a line was logged less than :data:`FAULT_LOG_INTERVAL_S` ago); the
+    rest are counted and the count goes into the next line.
+    """
+
+    def __init__(self, fault_file: Optional[str] = None):
+        import os
+
+        self.fault_file = fault_file if fault_file is not None else os.environ.get(TEST_FAULT_ENV)
+        self.faults = 0           # faulted steps, all time
+        self.unlogged = 0         # faulted steps not yet reported in a line
+        self.in_burst = False
+        self.last_log = -1e18
+        if self.fault_file:
+            logger.warning("Entropix: TEST-ONLY fault injection is on (%s=%s): every Entropix "
+                           "step raises while that file exists", TEST_FAULT_ENV, self.fault_file)
+
+    def maybe_inject(self) -> None:
+        import os
+
+        if self.fault_file and os.path.exists(self.fault_file):
+            raise InjectedFault(f"test fault injected ({TEST_FAULT_ENV})")
+
+    def ok(self) -> None:
+        self.in_burst = False
+
+    def fault(self, exc: BaseException, num_rows: int) -> None:
+        import time
+
+        self.faults += 1
+        self.unlogged += 1
+        now = time.monotonic()
+        if not self.in_burst and now - self.last_log >= FAULT_LOG_INTERVAL_S:
+            first = str(exc).splitlines()[0][:300] if str(exc) else ""
+            logger.error("Entropix step failed (%s: %s); %d row(s) of this step sampled by "
+                         "vLLM's own sampler instead, marked 'fallback' in the trace; the "
+                         "engine keeps serving (%d faulted step(s) since the last such line)",
+                         type(exc).__name__, first, num_rows, self.unlogged)
+            self.unlogged = 0
+            self.last_log = now
+        self.in_burst = True
+
+
 # Tried in order when no CoT token is configured: the first text that the
 # tokenizer encodes as exactly one token is the default CoT token.
 COT_TOKEN_CANDIDATES = (" ...", "...", " …", "…")
@@ -67,12 +128,18 @@ def resolve_cot_token(value, tokenizer, vocab_size: int, key: str) -> int:
         if tokenizer is None:
             raise EntropixConfigError(key, "a text CoT token needs the model's tokenizer "
                                            "(the engine runs with skip_tokenizer_init)")
-        tid = single_token_id(tokenizer, value)
-        if tid is None:
+        from ..config import show
+
+        try:
             ids = tokenizer.encode(value, add_special_tokens=False)
-            raise EntropixConfigError(key, f"{value!r} is not a single token of this model's "
-                                           f"tokenizer (it encodes to {ids})")
-        return tid
+        except Exception as e:  # odd text the tokenizer refuses: a refusal, not a fault
+            raise EntropixConfigError(key, f"{show(value)} cannot be encoded by this model's "
+                                           f"tokenizer ({type(e).__name__})") from None
+        if len(ids) != 1:
+            shown = ids if len(ids) <= 8 else f"{len(ids)} tokens"
+            raise EntropixConfigError(key, f"expected one token of this model's tokenizer; "
+                                           f"{show(value)} encodes to {shown}")
+        return int(ids[0])
     if tokenizer is None:
         return -1
     for text in COT_TOKEN_CANDIDATES:
@@ -140,6 +207,7 @@ class EntropixRuntime:
         self._rows: dict[str, RowConfig] = {}
         self._batch: Optional[BatchConfig] = None
         self._trace = None
+        self.faults = FaultGuard()
         self._log_start()
 
     # -- start-up -------------------------------------------------------------
@@ -182,12 +250,22 @@ class EntropixRuntime:
         extra = getattr(sampling_params, "extra_args", None) or {}
         req, cfg = parse_request_args(extra, self.engine.sampler, self.engine.presets)
         enabled = self.options.default_on if req.enabled is None else req.enabled
+        if enabled and wants_greedy(sampling_params):
+            # The request's own temperature 0 / top_k 1: vLLM's greedy token, exactly
+            # (the row goes to vLLM's sampler; it is not an Entropix row).
+            enabled = False
         cot = self.cot_token_id
         if req.cot_token is not None:
             cot = resolve_cot_token(req.cot_token, self.tokenizer, self.vocab_size,
                                     "entropix_cot_token")
         return RowConfig(enabled=bool(enabled), coeffs=coefficient_rows([cfg])[0], cot_token=cot,
                          n_draws=cfg.n_adaptive_samples)
+
+    def trace_fallback(self, req_ids, indices, tokens, cause: str) -> None:
+        """Trace records for rows a faulted step handed to vLLM's sampler."""
+        writer = self.trace
+        if writer is not None and len(req_ids):
+            writer.submit_fallback(req_ids, indices, tokens, cause)
 
     def forget_missing(self, live: Callable[[str], bool]) -> None:
         """Drop cached settings of requests that ``live`` says are gone."""
@@ -221,6 +299,17 @@ class EntropixRuntime:
             live = set(key)
             self.forget_missing(lambda r: r in live)
         return b
+
+
+def wants_greedy(sampling_params) -> bool:
+    """Whether a request's own fields ask for greedy decoding (temperature 0 or
+    top_k 1), which an Entropix row honours by taking vLLM's greedy token."""
+    t = getattr(sampling_params, "temperature", None)
+    k = getattr(sampling_params, "top_k", None)
+    try:
+        return (t is not None and float(t) < GREEDY_EPS) or (k is not None and int(k) == 1)
+    except (TypeError, ValueError):
+        return False
 
 
 def batch_noise(batch: BatchConfig, generators: Mapping[int, torch.Generator],
