@@ -137,13 +137,17 @@ def main(argv=None) -> int:
 
     model = args.model or bundled.bundled_model_path(build=False)
     server = None
+    fig: dict = {}
     t_start = time.time()
     if args.url is None:
-        from e2e_server import ServerSpec, start_servers
+        from e2e_server import ENTROPIX_TRACE_PATH, ServerSpec, start_servers
 
         log_dir = tempfile.mkdtemp(prefix="entropix-soak-")
-        server = start_servers([ServerSpec("soak", ["--sampler", "entropix"])], model,
-                               log_dir, timeout=900)["soak"]
+        # The e2e tests' trace path: vLLM's compile cache is keyed on
+        # additional_config, so this start reuses their compiled model.
+        flags = ["--sampler", "entropix",
+                 f"--additional-config.entropix.trace_path={ENTROPIX_TRACE_PATH}"]
+        server = start_servers([ServerSpec("soak", flags)], model, log_dir, timeout=900)["soak"]
         url, pgid = server.url, server.proc.pid
         print(f"server: {url} (log {server.log_path})", flush=True)
     else:
@@ -186,7 +190,7 @@ def main(argv=None) -> int:
         outs = [o for _, _, o in results]
         seeded = [(b, o) for k, b, o in results if k == "seeded" and o["status"] == 200]
         matches = sum(1 for b, o in seeded if o["tokens"] == quiet[b["seed"]])
-        fig = {
+        fig.update({
             "requests": len(outs), "planned": args.requests, "concurrency": args.concurrency,
             "by_kind": {k: sum(1 for kk, _, _ in results if kk == k) for k in KINDS},
             "cancels": sum(1 for o in outs if o["cancelled"]),
@@ -201,9 +205,11 @@ def main(argv=None) -> int:
             "running_after": running, "kv_cache_usage_after": kv[0] if kv else None,
             "soak_seconds": round(elapsed, 1), "total_seconds": round(time.time() - t_start, 1),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+        })
     finally:
         if server is not None:
+            log = Path(server.log_path).read_text(errors="replace")
+            fig["server_log_tracebacks"] = log.count("Traceback")
             server.stop()
     print(json.dumps(fig, indent=1))
     if args.json:

@@ -108,8 +108,17 @@ def stream_status(ctx, body):
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True,
             **body}
     r = post(ctx, "R", "/v1/chat/completions", body, stream=True)
-    text = r.text if r.status_code != 200 else "".join(r.iter_lines(decode_unicode=True))
-    return r.status_code, text
+    if r.status_code != 200:
+        return r.status_code, r.text
+    # vLLM validates a streamed request once the stream has begun: the stream
+    # then carries one error event (code 400) and no tokens.
+    events = [json.loads(line[len("data: "):]) for line in r.iter_lines(decode_unicode=True)
+              if line and line.startswith("data: ") and line != "data: [DONE]"]
+    errors = [e["error"] for e in events if "error" in e]
+    tokens = [e for e in events if e.get("choices")]
+    if len(errors) == 1 and not tokens:
+        return int(errors[0].get("code", 0)), json.dumps(errors[0])
+    return 200, json.dumps(events)[:4000]
 
 
 def trace_records(ctx):

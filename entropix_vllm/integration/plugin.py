@@ -70,6 +70,7 @@ def register(source: Optional[vllm_api.Source] = None) -> bool:
     _patch_cli()
     _patch_config()
     _patch_front_end()
+    _quiet_stream_refusals()
     for spec in RUNNERS:
         patch_runner(spec)
     _STATE["active"] = True
@@ -179,10 +180,10 @@ def validate_request_args(extra_args, vllm_config, tokenizer=None):
         return extra_args
     if not engine.entropix_enabled(vllm_config):
         k = ours[0]
-        raise error(
+        raise _refusal(error(
             f"vllm_xargs.{show(k)}: this server does not run the Entropix sampler (start it with "
             f"--sampler entropix); Entropix keys are refused rather than ignored",
-            parameter=f"vllm_xargs.{show(k)}", value=show(extra_args[k]))
+            parameter=f"vllm_xargs.{show(k)}", value=show(extra_args[k])))
     cfg = engine.engine_config(vllm_config)
     try:
         req, _ = parse_request_args(extra_args, cfg.sampler, cfg.presets)
@@ -192,9 +193,42 @@ def validate_request_args(extra_args, vllm_config, tokenizer=None):
             if tid != req.cot_token:
                 extra_args = {**extra_args, "entropix_cot_token": tid}
     except EntropixConfigError as e:
-        raise error(f"vllm_xargs.{e}", parameter=f"vllm_xargs.{e.key}",
-                    value=show(extra_args.get(e.key))) from None
+        raise _refusal(error(f"vllm_xargs.{e}", parameter=f"vllm_xargs.{e.key}",
+                             value=show(extra_args.get(e.key)))) from None
     return extra_args
+
+
+def _refusal(exc):
+    """Mark a request refusal of ours (see :class:`QuietRefusals`)."""
+    exc.entropix_refusal = True
+    return exc
+
+
+class QuietRefusals(logging.Filter):
+    """One line, no traceback, for a refused request that vLLM logs with its
+    traceback: vLLM validates a *streamed* request once the stream has begun
+    and logs any exception there with ``logger.exception`` (the client gets
+    the HTTP 400 error event either way). Only the plugin's own refusals
+    (marked by :func:`_refusal`) are rewritten; everything else passes as is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and getattr(exc, "entropix_refusal", False):
+            original = record.getMessage()
+            record.msg = "%s Request refused (HTTP 400 error event in the stream): %s"
+            record.args = (original, str(exc)[:500])
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def _quiet_stream_refusals() -> None:
+    """Install :class:`QuietRefusals` on the handlers of vLLM's loggers."""
+    for name in vllm_api.STREAM_ERROR_LOGGERS:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, QuietRefusals) for f in log.filters):
+            log.addFilter(QuietRefusals())
 
 
 def _patch_front_end() -> None:

@@ -879,3 +879,13 @@ def layer_writes_kv_itself(layer) -> bool:
     path = ("vllm.model_executor.layers.attention.attention:Attention."
             "kv_cache_update_bypass")
     return _in_running_series(path) and bool(getattr(layer, "kv_cache_update_bypass", False))
+
+
+#: vLLM's loggers that log a streamed request's validation error with its
+#: traceback (``logger.exception`` in the stream generators); the plugin's
+#: refusals there are turned into one line (``plugin.QuietRefusals``).
+STREAM_ERROR_LOGGERS = (
+    "vllm.entrypoints.openai.chat_completion.serving",
+    "vllm.entrypoints.openai.completion.serving",
+    "vllm.entrypoints.openai.responses.serving",
+)
