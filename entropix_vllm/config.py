@@ -261,17 +261,25 @@ def unknown_key_error(prefix: str, key: str, known) -> EntropixConfigError:
     import difflib
 
     names = list(known)
+
+    def core(name: str) -> str:  # compared without the shared "entropix" prefix
+        n = _norm_key(name)
+        return n[len(REQUEST_SWITCH):] if n.startswith(REQUEST_SWITCH) else n
+
     by_norm = {_norm_key(n): n for n in names}
+    by_core = {core(n): n for n in names if core(n)}
     hint = by_norm.get(_norm_key(key)) if isinstance(key, str) else None
-    if hint is None and isinstance(key, str):
-        close = difflib.get_close_matches(_norm_key(key)[:100], list(by_norm), n=1, cutoff=0.75)
-        hint = by_norm[close[0]] if close else None
+    if hint is None and isinstance(key, str) and core(key):
+        close = difflib.get_close_matches(core(key)[:100], list(by_core), n=1, cutoff=0.75)
+        hint = by_core[close[0]] if close else None
     shown = show(key) if isinstance(key, str) else show(key)
     key_s = key if isinstance(key, str) and len(key) <= MAX_ECHO else shown
     msg = "unknown Entropix coefficient"
+    known_list = ", ".join(prefix + n for n in names)
     if hint is not None:
-        msg += f"; did you mean {prefix + hint!r}?"
-    msg += " Known keys are " + ", ".join(prefix + n for n in names)
+        msg += f"; did you mean {prefix + hint!r}? Known keys are {known_list}"
+    else:
+        msg += f"; known keys are {known_list}"
     return EntropixConfigError(prefix + str(key_s), msg)
 
 
