@@ -180,10 +180,11 @@ def validate_request_args(extra_args, vllm_config, tokenizer=None):
         return extra_args
     if not engine.entropix_enabled(vllm_config):
         k = ours[0]
+        k = k if len(k) <= 80 else show(k)
         raise _refusal(error(
-            f"vllm_xargs.{show(k)}: this server does not run the Entropix sampler (start it with "
+            f"vllm_xargs.{k}: this server does not run the Entropix sampler (start it with "
             f"--sampler entropix); Entropix keys are refused rather than ignored",
-            parameter=f"vllm_xargs.{show(k)}", value=show(extra_args[k])))
+            parameter=f"vllm_xargs.{k}", value=show(extra_args.get(k))))
     cfg = engine.engine_config(vllm_config)
     try:
         req, _ = parse_request_args(extra_args, cfg.sampler, cfg.presets)
