@@ -57,7 +57,8 @@ def test_every_candidate_is_a_valid_configuration(seed):
         c = tune.coefficients(point, cal)
         EntropixConfig().replace(c)
         assert c["low_ent_thresh"] <= c["med_ent_thresh"] <= c["high_ent_thresh"]
-        assert 1 <= c["top_k"] and c["top_k"] * widen <= K_MAX
+        assert c["top_k"] >= 1, point
+        assert c["top_k"] * widen <= K_MAX, (point, c["top_k"])
         for p in tune.SPACE:
             if i < seeded and not p.of:
                 continue      # hand-set seed points may sit between the choices
