@@ -18,13 +18,15 @@ Nothing here imports the model runners, so both samplers and the plugin share it
 from __future__ import annotations
 
 import logging
+import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ..config import EngineConfig, parse_request_args
+from ..config import EngineConfig, parse_request_args, show
 from ..step import COEFF_NAMES, coefficient_rows
 
 logger = logging.getLogger("vllm.entropix")
@@ -53,8 +55,6 @@ class FaultGuard:
     """
 
     def __init__(self, fault_file: Optional[str] = None):
-        import os
-
         self.fault_file = fault_file if fault_file is not None else os.environ.get(TEST_FAULT_ENV)
         self.faults = 0           # faulted steps, all time
         self.unlogged = 0         # faulted steps not yet reported in a line
@@ -65,8 +65,6 @@ class FaultGuard:
                            "step raises while that file exists", TEST_FAULT_ENV, self.fault_file)
 
     def maybe_inject(self) -> None:
-        import os
-
         if self.fault_file and os.path.exists(self.fault_file):
             raise InjectedFault(f"test fault injected ({TEST_FAULT_ENV})")
 
@@ -74,8 +72,6 @@ class FaultGuard:
         self.in_burst = False
 
     def fault(self, exc: BaseException, num_rows: int) -> None:
-        import time
-
         self.faults += 1
         self.unlogged += 1
         now = time.monotonic()
@@ -128,8 +124,6 @@ def resolve_cot_token(value, tokenizer, vocab_size: int, key: str) -> int:
         if tokenizer is None:
             raise EntropixConfigError(key, "a text CoT token needs the model's tokenizer "
                                            "(the engine runs with skip_tokenizer_init)")
-        from ..config import show
-
         try:
             ids = tokenizer.encode(value, add_special_tokens=False)
         except Exception as e:  # odd text the tokenizer refuses: a refusal, not a fault
