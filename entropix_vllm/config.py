@@ -14,16 +14,20 @@ Every invalid value raises :class:`EntropixConfigError` whose message names the
 key and the accepted range.
 
 Presets (:class:`Preset`) are named sets of coefficients: the built-ins of
-``entropix_vllm/presets/*.json`` (``classic``: SPEC section 3's defaults, what
-applies when no preset is named; ``smollm2-135m-instruct``: the bundled
-model's, made by ``python -m entropix_vllm.tune``) and JSON files the server
-loads at start-up. Order of precedence, lowest first:
+``entropix_vllm/presets/*.json`` (``classic``: SPEC section 3's defaults;
+``smollm2-135m-instruct``: the bundled model's, made by ``python -m
+entropix_vllm.tune``) and JSON files the server loads at start-up. A preset
+file may record the model it was made for (``match``, see
+:mod:`entropix_vllm.model_id`); ``auto`` (:data:`AUTO_PRESET`, the engine's
+default) is the built-in or loaded preset made for the served model, else
+``classic`` (:func:`choose_auto`). Order of precedence, lowest first:
 
-* engine: SPEC defaults < the engine's ``preset`` < the ``entropix`` section's
-  explicit coefficients;
+* engine: SPEC defaults < the engine's ``preset`` (default ``auto``) < the
+  ``entropix`` section's explicit coefficients;
 * request: the engine's coefficients, or, when the request names an
-  ``entropix_preset``, SPEC defaults < that preset (the engine's coefficients
-  do not apply then); < the request's ``entropix_<name>`` keys.
+  ``entropix_preset`` (``auto`` too), SPEC defaults < that preset (the
+  engine's coefficients do not apply then); < the request's
+  ``entropix_<name>`` keys.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from typing import Any, Mapping, Optional, Union
 # contract.py). Every branch must sample with a top_k no larger than this
 # (validated below).
 from .contract import K_MAX
+from .model_id import ModelIdentity, ModelIdError, ModelSource, RecordError, identify, parse_record
 
 REQUEST_PREFIX = "entropix_"
 REQUEST_SWITCH = "entropix"
@@ -51,6 +56,10 @@ REQUEST_PRESET = REQUEST_PREFIX + "preset"
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 #: The preset whose coefficients are SPEC section 3's defaults.
 DEFAULT_PRESET = "classic"
+#: The preset name that picks the preset made for the served model (else classic).
+AUTO_PRESET = "auto"
+#: What an engine uses when its ``entropix`` section names no preset.
+ENGINE_DEFAULT_PRESET = AUTO_PRESET
 _PRESET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 # Finite upper bounds of the unbounded-looking coefficients: every product the
@@ -292,7 +301,7 @@ class EngineOptions:
     cot_token: Optional[Union[int, str]] = None  # None: resolved from the tokenizer
     trace_path: Optional[str] = None
     default_on: bool = True       # with --sampler entropix, requests use Entropix unless they opt out
-    preset: Optional[str] = None  # a built-in preset name or a JSON file (loaded at start-up)
+    preset: Optional[str] = None  # parsed: the chosen preset's name (given: a name, auto or a file)
     presets: tuple = ()           # more preset files whose names requests may use
 
 
@@ -416,7 +425,9 @@ def parse_cot_token(value: Any, key: str) -> Union[int, str]:
 # ----------------------------------------------------------------------------
 # Presets
 # ----------------------------------------------------------------------------
-_PRESET_FILE_KEYS = ("name", "description", "coefficients", "provenance")
+_PRESET_FILE_KEYS = ("name", "description", "coefficients", "match", "provenance")
+#: Most match records one preset file may hold.
+MAX_MATCH_RECORDS = 64
 
 
 @dataclass(frozen=True)
@@ -428,19 +439,27 @@ class Preset:
     source: str = "built-in"
     description: str = ""
     provenance: Mapping[str, Any] = field(default_factory=dict)
+    #: The models it was made for (match records of :mod:`entropix_vllm.model_id`).
+    match: tuple = ()
 
     def config(self) -> "EntropixConfig":
         """SPEC defaults with this preset's coefficients."""
         return EntropixConfig().replace(self.coefficients, prefix=f"preset {self.name}: ")
+
+    def made_for(self, identity: Optional[ModelIdentity]) -> bool:
+        """Whether one of its match records is ``identity``'s."""
+        return identity is not None and any(identity.matches(r) for r in self.match)
 
 
 def parse_preset(data: Any, source: str, default_name: Optional[str] = None) -> Preset:
     """A preset from its JSON form; errors name ``source`` and the key.
 
     Form: ``{"name": str, "description": str, "coefficients": {name: value},
-    "provenance": {...}}`` (only ``coefficients`` is required; ``name``
-    defaults to ``default_name``), or a plain ``{name: value}`` mapping of
-    coefficients.
+    "match": {...} or [{...}, ...], "provenance": {...}}`` (only
+    ``coefficients`` is required; ``name`` defaults to ``default_name``;
+    ``match``: the models it was made for, records of
+    :func:`entropix_vllm.model_id.parse_record`), or a plain ``{name: value}``
+    mapping of coefficients.
     """
     if not isinstance(data, Mapping):
         raise EntropixConfigError(source, f"a preset must be a JSON object, got {type(data).__name__}")
@@ -459,15 +478,37 @@ def parse_preset(data: Any, source: str, default_name: Optional[str] = None) -> 
             raise EntropixConfigError(source + ": description", "expected a string")
         if not isinstance(provenance, Mapping):
             raise EntropixConfigError(source + ": provenance", "expected an object")
+        match = _parse_match(data.get("match"), source + ": match")
     else:
-        coeffs, name, description, provenance = data, default_name, "", {}
+        coeffs, name, description, provenance, match = data, default_name, "", {}, ()
     if not isinstance(name, str) or not _PRESET_NAME.match(name):
         raise EntropixConfigError(source + ": name", "expected a preset name (letters, digits, "
                                                      f"'.', '_', '-'), got {show(name)}")
+    if name == AUTO_PRESET:
+        raise EntropixConfigError(source + ": name", f"{AUTO_PRESET!r} is reserved (it picks the "
+                                                     "preset made for the served model); rename it")
     cfg = EntropixConfig().replace(dict(coeffs), prefix=f"{source}: coefficients.")
     values = {k: getattr(cfg, k) for k in coeffs}
     return Preset(name=name, coefficients=values, source=source, description=description,
-                  provenance=dict(provenance))
+                  provenance=dict(provenance), match=match)
+
+
+def _parse_match(value: Any, key: str) -> tuple:
+    """A preset file's ``match``: one record or a list of them (None: none)."""
+    if value is None:
+        return ()
+    records = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not 1 <= len(value) <= MAX_MATCH_RECORDS:
+        raise EntropixConfigError(key, f"expected a record or a list of 1 to {MAX_MATCH_RECORDS} "
+                                       f"records, got a list of {len(value)}")
+    out = []
+    for i, rec in enumerate(records):
+        where = f"{key}[{i}]" if isinstance(value, list) else key
+        try:
+            out.append(parse_record(rec))
+        except RecordError as e:
+            raise EntropixConfigError(f"{where}.{e.field}" if e.field else where, e.reason) from None
+    return tuple(out)
 
 
 def load_preset_file(path: str, key: str) -> Preset:
@@ -504,9 +545,10 @@ def looks_like_path(value: str) -> bool:
 
 
 def _engine_preset(value: Any, key: str, known: Mapping[str, Preset]) -> Preset:
+    names = ", ".join(list(known) + [AUTO_PRESET])
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_PATH_TEXT \
             or not _text_ok(value):
-        raise EntropixConfigError(key, f"expected a preset name ({', '.join(known)}) or the path "
+        raise EntropixConfigError(key, f"expected a preset name ({names}) or the path "
                                        f"of a preset JSON file, got {show(value)}")
     value = value.strip()
     if value in known:
@@ -514,7 +556,64 @@ def _engine_preset(value: Any, key: str, known: Mapping[str, Preset]) -> Preset:
     if looks_like_path(value) or os.path.exists(value):
         return load_preset_file(value, key)
     raise EntropixConfigError(key, f"unknown preset {show(value)}; built-in presets are "
-                                   f"{', '.join(known)}, or give the path of a preset JSON file")
+                                   f"{', '.join(known)} ({AUTO_PRESET}: the one made for the "
+                                   "served model), or give the path of a preset JSON file")
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """What ``auto`` means on one engine: the preset, why, and the model's identity."""
+
+    preset: Preset
+    reason: str
+    identity: Optional[ModelIdentity] = None
+
+
+def choose_auto(known: Mapping[str, Preset], model: Optional[ModelSource]) -> AutoChoice:
+    """The preset of ``known`` made for ``model`` (its match record is the
+    model's identity), else ``classic``; with the reason, for the log.
+
+    Loaded preset files come before the built-ins (a user's own preset for
+    the model wins), each group in the order given; when several match, the
+    first is taken and the reason names the others. A model that cannot be
+    identified gets ``classic`` with the cause.
+    """
+    classic = known.get(DEFAULT_PRESET) or builtin_presets()[DEFAULT_PRESET]
+    fallback = "so classic: SPEC section 3's defaults"
+    if model is None:
+        return AutoChoice(classic, f"no served model to identify, {fallback}")
+    try:
+        ident = identify(model)
+    except ModelIdError as e:
+        return AutoChoice(classic, f"cannot identify the served model ({e}), {fallback}")
+    except Exception as e:  # never let identification stop a server
+        return AutoChoice(classic, f"cannot identify the served model ({type(e).__name__}: "
+                                   f"{str(e)[:200]}), {fallback}")
+    ordered = [p for p in known.values() if p.source != "built-in"] + \
+        [p for p in known.values() if p.source == "built-in"]
+    hits = [p for p in ordered if p.made_for(ident)]
+    where = lambda p: "built-in preset" if p.source == "built-in" else \
+        f"preset file {p.source.split(': ', 1)[-1]}"  # noqa: E731
+    if hits:
+        first = hits[0]
+        why = (f"made for this model: the {where(first)} {first.name!r} records its "
+               f"architecture, tokenizer and weights (model fingerprint {ident.fingerprint})")
+        if len(hits) > 1:
+            why += "; also made for it: " + ", ".join(p.name for p in hits[1:])
+        return AutoChoice(first, why, ident)
+    why = (f"no built-in or loaded preset records this model (model fingerprint "
+           f"{ident.fingerprint}), {fallback}")
+    near = []
+    for p in ordered:
+        for rec in p.match:
+            same = ident.compare(rec)
+            if "architecture" in same and "tokenizer" in same:
+                near.append(f"{p.name!r} was made for {rec.get('model') or 'a model'} with the "
+                            "same architecture and tokenizer but other weights")
+                break
+    if near:
+        why += "; " + "; ".join(near[:3])
+    return AutoChoice(classic, why, ident)
 
 
 def request_preset(value: Any, key: str, known: Mapping[str, Preset]) -> Preset:
@@ -541,18 +640,35 @@ class EngineConfig:
     enabled: bool = False
     sampler: EntropixConfig = field(default_factory=EntropixConfig)
     options: EngineOptions = field(default_factory=EngineOptions)
-    #: Presets requests may name: the built-ins and the files loaded at start-up.
+    #: Presets requests may name: the built-ins, the files loaded at start-up
+    #: and ``auto`` (the preset made for the served model, else classic).
     presets: Mapping[str, Preset] = field(default_factory=builtin_presets)
+    #: Why the engine's preset (``options.preset``) is the one it is (for the log).
+    preset_reason: str = ""
+    #: A warning about the engine's preset (named, but made for another model).
+    preset_warning: Optional[str] = None
+    #: Coefficients the ``entropix`` section sets over the preset's.
+    explicit: tuple = ()
+
+    def preset_line(self) -> str:
+        """The start-up log line naming the engine's preset and why."""
+        line = f"Entropix preset {self.options.preset} ({self.preset_reason})"
+        if self.explicit:
+            line += "; set over it by additional_config.entropix: " + ", ".join(self.explicit)
+        return line
 
     @classmethod
-    def from_additional_config(cls, additional_config: Optional[Mapping[str, Any]]) -> "EngineConfig":
+    def from_additional_config(cls, additional_config: Optional[Mapping[str, Any]],
+                               model: Optional[ModelSource] = None) -> "EngineConfig":
         """Parse ``{"sampler": "entropix"|"default", "entropix": {...}}``.
 
         Keys of the ``entropix`` section are coefficient names of
         :class:`EntropixConfig` or engine options (``attn_layer``, ``cot_token``,
         ``trace_path``, ``default_on``, ``preset``, ``presets``). The
-        coefficients are SPEC defaults, then the ``preset``'s, then the
-        section's own. Other top-level keys of ``additional_config`` belong to
+        coefficients are SPEC defaults, then the ``preset``'s (default:
+        ``auto``), then the section's own. ``model`` is the served model, which
+        ``auto`` identifies (only when the sampler is on; without a model auto
+        is classic). Other top-level keys of ``additional_config`` belong to
         other plugins and are left alone.
         """
         ac = dict(additional_config or {})
@@ -585,25 +701,41 @@ class EngineConfig:
         for path in _preset_paths(opts.get("presets"), p + "presets"):
             loaded = load_preset_file(path, p + "presets")
             _register(known, loaded, p + "presets")
-        chosen = None
-        if opts.get("preset") is not None:
-            chosen = _engine_preset(opts["preset"], p + "preset", known)
-            if chosen.source != "built-in":
-                _register(known, chosen, p + "preset")
-        values = dict(chosen.coefficients) if chosen else {}
+        given = opts.get("preset")
+        is_auto = given is None or (isinstance(given, str) and given.strip() == AUTO_PRESET)
+        named = None
+        if not is_auto:
+            named = _engine_preset(given, p + "preset", known)
+            if named.source != "built-in":
+                _register(known, named, p + "preset")
+        enabled = sampler == "entropix"
+        auto = choose_auto(known, model if enabled else None)
+        known[AUTO_PRESET] = auto.preset
+        warning = None
+        if named is None:
+            chosen = auto.preset
+            reason = ("auto, the default: " if given is None else f"{p}preset=auto: ") + auto.reason
+        else:
+            chosen = named
+            reason = f"named by {p}preset"
+            if named.match and auto.identity is not None and not named.made_for(auto.identity):
+                made = ", ".join(sorted({r.get("model") or "?" for r in named.match}))
+                warning = (f"Entropix preset {named.name!r} was made for another model ({made}); "
+                           f"the served model (fingerprint {auto.identity.fingerprint}) is not "
+                           "in its match records. Using it as named.")
+        values = dict(chosen.coefficients)
         values.update(coeffs)
         try:
             cfg = EntropixConfig().replace(values, prefix=p)
         except EntropixConfigError as e:
-            if chosen is not None and e.key[len(p):] in chosen.coefficients \
-                    and e.key[len(p):] not in coeffs:
+            if e.key[len(p):] in chosen.coefficients and e.key[len(p):] not in coeffs:
+                how = "" if named is not None else f" (chosen by {AUTO_PRESET})"
                 raise EntropixConfigError(
-                    p + "preset", f"preset {chosen.name!r}: {e}") from None
+                    p + "preset", f"preset {chosen.name!r}{how}: {e}") from None
             raise
-        options = _parse_engine_options(opts)
-        if chosen is not None:
-            options = dataclasses.replace(options, preset=chosen.name)
-        return cls(enabled=(sampler == "entropix"), sampler=cfg, options=options, presets=known)
+        options = dataclasses.replace(_parse_engine_options(opts), preset=chosen.name)
+        return cls(enabled=enabled, sampler=cfg, options=options, presets=known,
+                   preset_reason=reason, preset_warning=warning, explicit=tuple(coeffs))
 
 
 def _preset_paths(value: Any, key: str) -> list:
@@ -618,6 +750,8 @@ def _preset_paths(value: Any, key: str) -> list:
 
 
 def _register(known: dict, preset: Preset, key: str) -> None:
+    if preset.name == AUTO_PRESET:  # parse_preset refuses it too
+        raise EntropixConfigError(key, f"a preset file cannot be named {AUTO_PRESET!r}")
     old = known.get(preset.name)
     if old is not None and old.source == "built-in":
         raise EntropixConfigError(key, f"preset file {preset.source.split(': ', 1)[-1]!r} is named "

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 from ..config import EngineConfig
+from ..model_id import ModelSource
 from . import vllm_api
 
 logger = logging.getLogger("vllm.entropix")
@@ -59,16 +60,18 @@ def entropix_enabled(vllm_config) -> bool:
 
 
 @functools.lru_cache(maxsize=8)
-def _engine_config_cached(key: str) -> EngineConfig:
-    return EngineConfig.from_additional_config(json.loads(key))
+def _engine_config_cached(key: str, model: Optional[ModelSource]) -> EngineConfig:
+    return EngineConfig.from_additional_config(json.loads(key), model=model)
 
 
 def engine_config(vllm_config) -> EngineConfig:
     """The parsed :class:`~entropix_vllm.config.EngineConfig` of an engine
-    (raises ``EntropixConfigError`` naming a bad key)."""
+    (raises ``EntropixConfigError`` naming a bad key); its ``auto`` preset is
+    the one made for the engine's model (``config.choose_auto``)."""
     ac = getattr(vllm_config, "additional_config", None) or {}
     sub = {k: ac[k] for k in ("sampler", "entropix") if k in ac}
-    return _engine_config_cached(json.dumps(sub, sort_keys=True, default=str))
+    return _engine_config_cached(json.dumps(sub, sort_keys=True, default=str),
+                                 ModelSource.of_vllm_config(vllm_config))
 
 
 # ----------------------------------------------------------------------------

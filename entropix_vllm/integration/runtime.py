@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 from ..config import EngineConfig, parse_request_args, show
+from ..device import to_device
+from ..model_id import ModelSource
 from ..step import COEFF_NAMES, coefficient_rows
 
 logger = logging.getLogger("vllm.entropix")
@@ -143,17 +145,6 @@ def resolve_cot_token(value, tokenizer, vocab_size: int, key: str) -> int:
     return -1
 
 
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on ``device`` without a host sync (pinned staging on CUDA).
-
-    A copy from pageable memory would wait for the stream to drain first.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 @dataclass
 class RowConfig:
     """One request's effective Entropix settings."""
@@ -183,7 +174,8 @@ class EntropixRuntime:
     """Engine-wide Entropix state of one worker process."""
 
     def __init__(self, vllm_config, tp_rank: int = 0, tokenizer: Any = "auto"):
-        self.engine = EngineConfig.from_additional_config(vllm_config.additional_config)
+        self.engine = EngineConfig.from_additional_config(
+            vllm_config.additional_config, model=ModelSource.of_vllm_config(vllm_config))
         self.options = self.engine.options
         self.vocab_size = vllm_config.model_config.get_vocab_size()
         if tokenizer == "auto":
@@ -208,6 +200,9 @@ class EntropixRuntime:
     def _log_start(self) -> None:
         if self.tp_rank != 0:
             return
+        logger.info("%s", self.engine.preset_line())  # which preset, and why (auto: the match)
+        if self.engine.preset_warning:
+            logger.warning("%s", self.engine.preset_warning)
         if self.cot_token_id >= 0 and self.tokenizer is not None:
             text = self.tokenizer.decode([self.cot_token_id])
             logger.info("Entropix sampler on; CoT token %d (%r)%s", self.cot_token_id, text,
