@@ -2,14 +2,16 @@
 
 Usage::
 
-    python -m entropix_vllm.report TRACE [--plot out.png] [--set name=value ...]
+    python -m entropix_vllm.report TRACE [--plot out.png] [--preset NAME|FILE] [--set name=value ...]
 
 Prints the number of requests and tokens, a table of branch counts, their
 percentages and per-branch mean entropy (bits) / varentropy (bits^2) for all
 five branches, and how many traced branches disagree with SPEC section 3
 recomputed in float64 from the traced entropy/varentropy. The thresholds are
-the :class:`EntropixConfig` defaults, overridden by ``--set low_ent_thresh=0.2``
-style flags (any coefficient name; validated by ``EntropixConfig.replace``).
+the :class:`EntropixConfig` defaults (``classic``), or those of ``--preset``
+(a built-in preset name or a preset file: the preset the server used),
+overridden by ``--set low_ent_thresh=0.2`` style flags (any coefficient name;
+validated by ``EntropixConfig.replace``).
 
 ``--plot out.png`` draws the entropy-varentropy plane (matplotlib, Agg backend):
 one colour per branch, the threshold lines, a symlog varentropy axis.
@@ -26,7 +28,8 @@ import sys
 from collections import Counter
 from typing import Optional, Sequence
 
-from .config import EntropixConfig, EntropixConfigError
+from .config import (EntropixConfig, EntropixConfigError, builtin_presets, load_preset_file,
+                     looks_like_path)
 from .reference import BRANCH_NAMES
 from .trace import TraceFormatError, read_trace, recompute_branches
 
@@ -41,8 +44,24 @@ class ReportError(Exception):
 # ----------------------------------------------------------------------------
 # Summary
 # ----------------------------------------------------------------------------
-def parse_overrides(items: Sequence[str]) -> EntropixConfig:
-    """``["name=value", ...]`` applied to the defaults (validated)."""
+def preset_config(value: Optional[str]) -> EntropixConfig:
+    """The coefficients of ``--preset`` (a built-in name or a preset file; None: classic)."""
+    if value is None:
+        return EntropixConfig()
+    known = builtin_presets()
+    try:
+        if value in known:
+            return known[value].config()
+        if looks_like_path(value) or os.path.exists(value):
+            return load_preset_file(value, "--preset").config()
+    except EntropixConfigError as e:
+        raise ReportError(str(e)) from None
+    raise ReportError(f"--preset: unknown preset {value!r}; built-in presets are "
+                      f"{', '.join(known)}, or give the path of a preset JSON file")
+
+
+def parse_overrides(items: Sequence[str], base: Optional[EntropixConfig] = None) -> EntropixConfig:
+    """``["name=value", ...]`` applied to ``base`` (default: the defaults; validated)."""
     overrides = {}
     for item in items:
         name, sep, value = item.partition("=")
@@ -50,7 +69,7 @@ def parse_overrides(items: Sequence[str]) -> EntropixConfig:
             raise ReportError(f"--set expects name=value, got {item!r}")
         overrides[name.strip()] = value
     try:
-        return EntropixConfig().replace(overrides)
+        return (base or EntropixConfig()).replace(overrides)
     except EntropixConfigError as e:
         raise ReportError(f"--set {e}") from None
 
@@ -195,13 +214,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("trace", help="trace file written by the Entropix sampler")
     parser.add_argument("--plot", metavar="OUT.png",
                         help="write the entropy-varentropy scatter plot to this PNG file")
+    parser.add_argument("--preset", default=None, metavar="NAME|FILE",
+                        help="the preset the server used (a built-in name or a preset file): "
+                             "its coefficients for the recomputation and the plot "
+                             "(default: classic, SPEC section 3's defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="NAME=VALUE",
                         help="override an EntropixConfig coefficient for the recomputation "
                              "and the plot (repeatable), e.g. --set low_ent_thresh=0.2")
     args = parser.parse_args(argv)
     try:
-        config = parse_overrides(args.overrides)
+        config = parse_overrides(args.overrides, preset_config(args.preset))
         records = _load(args.trace)
         summary = summarise(records, config)
         print(format_summary(args.trace, summary, config))

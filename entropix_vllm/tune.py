@@ -23,9 +23,12 @@ per-request ``entropix_<name>`` keys, so the server never restarts)::
 3. **Report** on the held-out split, which the search never saw: the preset
    against greedy, the stock samplers and the classic preset (and the
    calibration alone), with the eval harness's table and intervals.
-4. **Preset file**: the coefficients that differ from SPEC's defaults, and its
-   provenance (command, data, calibration, dev and held-out results), ready for
-   ``--additional-config.entropix.preset=FILE``.
+4. **Preset file**: the coefficients that differ from SPEC's defaults, the
+   model it was made for (``match``: the record of :mod:`entropix_vllm.model_id`
+   of ``--model-dir``, default the server's model when that is a local folder,
+   so that ``preset: auto`` picks it on that model), and its provenance
+   (command, data, calibration, dev and held-out results), ready for
+   ``--additional-config.entropix.preset=FILE`` or ``.presets=FILE``.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from .eval.metrics import summarize
 from .eval.output import table
 from .eval.runner import Client, EvalError, count_requests, run_samplers
 from .eval.tasks import Item, TaskFileError, load_tasks
+from .model_id import ModelIdError, ModelSource, identify
 
 #: A threshold this large never fires (the figures are finite bits / bits^2).
 OFF = 1.0e6
@@ -224,6 +228,23 @@ def _task_paths(specs):
     return [str(resolve_task_path(s)) for s in specs]
 
 
+def model_match(model: str, explicit: bool) -> tuple:
+    """``(match record or None, note)`` for the served model: ``model`` is
+    ``--model-dir`` (``explicit``) or the server's model name. An explicit
+    folder that cannot be identified raises ``ModelIdError``; a server's model
+    name that is no local folder gives no record and a note saying how to add
+    one later."""
+    try:
+        ident = identify(ModelSource(model))
+    except ModelIdError as e:
+        if explicit:
+            raise
+        return None, (f"the preset records no model ({model!r}: {e}); `preset: auto` will not "
+                      "pick it. Add the record with `python -m entropix_vllm.model_id MODEL_DIR "
+                      "--add-to PRESET.json`, or run the tuner with --model-dir MODEL_DIR")
+    return ident.record(), f"the preset records the model {ident.model} (fingerprint {ident.fingerprint})"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m entropix_vllm.tune", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -249,6 +270,10 @@ def main(argv=None) -> int:
     ap.add_argument("--search-seed", type=int, default=0, help="seed of the random search")
     ap.add_argument("--results", default=None, metavar="JSON",
                     help="also write every round's figures here")
+    ap.add_argument("--model-dir", default=None, metavar="DIR",
+                    help="the served model's folder, recorded as the preset's match so that "
+                         "`preset: auto` picks it (default: the server's model, if it is a "
+                         "local folder)")
     args = ap.parse_args(argv)
     command = " ".join(["python -m entropix_vllm.tune"] + list(sys.argv[1:] if argv is None else argv))
 
@@ -265,6 +290,10 @@ def main(argv=None) -> int:
         client = Client(args.base_url, args.model)
         if not client.entropix_server:
             raise EvalError(f"{client.base_url} does not run the Entropix sampler")
+        match, match_note = model_match(args.model_dir or client.model, args.model_dir is not None)
+    except ModelIdError as e:
+        print(f"error: --model-dir {args.model_dir}: cannot identify the model: {e}", file=sys.stderr)
+        return 2
     except (TaskFileError, EvalError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -389,6 +418,7 @@ def main(argv=None) -> int:
         "description": f"Entropix coefficients fitted to {client.model.rsplit('/', 1)[-1]} by "
                        "python -m entropix_vllm.tune (see provenance).",
         "coefficients": coeffs,
+        **({"match": match} if match else {}),
         "provenance": {
             "command": command, "date": started.isoformat(timespec="seconds"),
             "model": client.model, "max_tokens": args.max_tokens,
@@ -406,7 +436,7 @@ def main(argv=None) -> int:
         },
     }
     Path(args.out).write_text(json.dumps(preset, indent=1) + "\n", encoding="utf-8")
-    log(f"preset: {args.out}")
+    log(f"preset: {args.out} ({match_note})")
     if args.results:
         Path(args.results).write_text(json.dumps({"command": command, "rounds": rounds_log,
                                                   "heldout": summaries}, indent=1) + "\n")

@@ -3,7 +3,10 @@ driven through the OpenAI HTTP API.
 
 Three servers, started at once for the whole module (``tests/e2e_server.py``):
 
-* **E** ``--sampler entropix`` with a trace file (``--additional-config.entropix.trace_path``);
+* **E** ``--sampler entropix`` with a trace file (``--additional-config.entropix.trace_path``)
+  and the ``classic`` preset named (the engine's default is ``auto``, which on the
+  bundled model is its tuned preset; every expectation here is computed from SPEC
+  section 3's defaults, ``EntropixConfig()``);
 * **P** the plugin installed, no ``--sampler`` flag (must be vLLM unchanged);
 * **N** ``VLLM_PLUGINS=none``: stock vLLM, no plugin loaded at all.
 
@@ -93,7 +96,8 @@ def servers(model_path, tmp_path_factory):
     _TRACE["copy"] = str(log_dir / "trace-this-run.jsonl")
     specs = [
         ServerSpec("E", ["--sampler", "entropix",
-                         f"--additional-config.entropix.trace_path={TRACE_PATH}"]),
+                         f"--additional-config.entropix.trace_path={TRACE_PATH}",
+                         "--additional-config.entropix.preset=classic"]),
         ServerSpec("P", []),
         ServerSpec("N", [], env={"VLLM_PLUGINS": "none"}),
     ]

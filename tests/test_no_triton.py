@@ -140,7 +140,8 @@ def server(tmp_path_factory):
     offset = os.path.getsize(ENTROPIX_TRACE_PATH) if os.path.exists(ENTROPIX_TRACE_PATH) else 0
     # The same flags as test_e2e_server.py's Entropix server: its compiled model is reused.
     spec = ServerSpec("T", ["--sampler", "entropix",
-                            f"--additional-config.entropix.trace_path={ENTROPIX_TRACE_PATH}"],
+                            f"--additional-config.entropix.trace_path={ENTROPIX_TRACE_PATH}",
+                            "--additional-config.entropix.preset=classic"],
                       env={"PYTHONPATH": env["PYTHONPATH"],
                            "ENTROPIX_NO_TRITON_LOG": str(log)})
     started = start_servers([spec], model, logs, timeout=900)
