@@ -43,6 +43,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 
 from .config import EntropixConfig
+from .device import to_device
 from .reference import BRANCH_NAMES, select_branch
 
 logger = logging.getLogger("entropix_vllm")
@@ -148,8 +149,8 @@ class TraceWriter:
         event = None
         if stacked.is_cuda:
             if rows is not None:
-                idx = torch.tensor(list(rows), dtype=torch.int64, pin_memory=True)
-                stacked = stacked.index_select(1, idx.to(stacked.device, non_blocking=True))
+                idx = to_device(torch.tensor(list(rows), dtype=torch.int64), stacked.device)
+                stacked = stacked.index_select(1, idx)
             host = torch.empty(stacked.shape, dtype=torch.float64, pin_memory=True)
             host.copy_(stacked, non_blocking=True)
             event = torch.cuda.Event()

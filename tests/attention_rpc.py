@@ -36,7 +36,7 @@ def record(state=None) -> None:
             "layer": st.layer_name,
             "seq_lens": md.seq_lens[:n].tolist(),
             "query_lens": (qsl[1:] - qsl[:-1]).tolist(),
-            "stats": st.stats_buf[:, :n].t().tolist(),
+            "stats": st.buf.stats[:, :n].t().tolist(),
         })
 
     st.on_forward = on_forward

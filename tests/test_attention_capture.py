@@ -302,29 +302,25 @@ def test_sampler_call_raises_for_unsupported_backend(two_layer_config):
         A._STATE = saved
 
 
-def test_engine_adjustments_switch_full_cudagraphs_and_row_reordering():
+def test_engine_adjustments_keep_cudagraphs_and_stop_row_reordering():
     from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode, ParallelConfig
 
     class Holder:  # the two parts of a VllmConfig that the adjustments read
         def __init__(self, cc, pc):
             self.compilation_config, self.parallel_config = cc, pc
 
-    cc = CompilationConfig(mode=CompilationMode.VLLM_COMPILE,
-                           cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE)
-    cc.set_splitting_ops_for_v1(all2all_backend="naive")
-    assert cc.splitting_ops_contain_attention()
-    pc = ParallelConfig()
-    pc.enable_batch_sharded_sampling = True
-    pc.enable_dbo = True
-    h = Holder(cc, pc)
-    changes = entropix_engine.adjust_before_vllm(h) + entropix_engine.adjust_after_vllm(h)
-    assert cc.cudagraph_mode == CUDAGraphMode.PIECEWISE and len(changes) == 3
-    assert pc.enable_batch_sharded_sampling is False and pc.enable_dbo is False
-    assert entropix_engine.adjust_before_vllm(h) + entropix_engine.adjust_after_vllm(h) == []
-    # Without piecewise compilation there is no eager attention: no graphs.
-    cc2 = CompilationConfig(mode=CompilationMode.NONE, cudagraph_mode=CUDAGraphMode.FULL_DECODE_ONLY)
-    entropix_engine.adjust_after_vllm(Holder(cc2, ParallelConfig()))
-    assert cc2.cudagraph_mode == CUDAGraphMode.NONE
+    for mode, graphs in ((CompilationMode.VLLM_COMPILE, CUDAGraphMode.FULL_AND_PIECEWISE),
+                         (CompilationMode.NONE, CUDAGraphMode.FULL_DECODE_ONLY)):
+        cc = CompilationConfig(mode=mode, cudagraph_mode=graphs)
+        pc = ParallelConfig()
+        pc.enable_batch_sharded_sampling = True
+        pc.enable_dbo = True
+        h = Holder(cc, pc)
+        changes = entropix_engine.adjust_before_vllm(h)
+        # The graph mode is the engine's: the capture is recorded into full graphs.
+        assert cc.cudagraph_mode == graphs and len(changes) == 2
+        assert pc.enable_batch_sharded_sampling is False and pc.enable_dbo is False
+        assert entropix_engine.adjust_before_vllm(h) == []
 
 
 def test_engine_check_refuses_pipeline_and_context_parallelism(two_layer_config):

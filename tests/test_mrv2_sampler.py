@@ -612,8 +612,8 @@ class TestMRV2Sampler:
         try:
             st = attention._STATE
             st.layer_name, st.num_rows = "model.layers.0.self_attn.attn", 6
-            st.stats_buf = torch.zeros(4, MAX_REQS, device=DEV)
-            st.stats_buf[:, :6] = figures
+            st.buf = attention._Buffers(MAX_REQS, 1, 1, torch.float32, DEV)
+            st.buf.stats[:, :6] = figures
             differs = False
             for t in range(4):
                 logits = _logits(["random", "bimodal", "random", "random", "bimodal", "random"],

@@ -54,15 +54,21 @@ How it works
   keys along the head axis, in rank order, which is the model's head order, so
   every rank keeps the keys of all heads for that one layer and computes the
   figures over all heads (identical on every rank, as SPEC section 2 asks).
-* CUDA graphs: the capture must run eagerly each step. With
-  ``FULL_AND_PIECEWISE`` / ``FULL`` / ``FULL_DECODE_ONLY`` cudagraph modes the
-  decode attention would be replayed from a graph and the wrapper's Python
-  would not run, so the engine is switched to ``PIECEWISE`` (the attention op
-  is a splitting op and runs eagerly between graph pieces) or ``NONE``
-  (``engine.adjust_after_vllm``, with the other engine checks and
-  adjustments). CPU has no CUDA graphs; its default compilation
-  (``DYNAMO_TRACE_ONCE`` + inductor) keeps the attention custom op opaque, so
-  the wrapper runs eagerly every step.
+* CUDA graphs: the engine's mode is kept. With ``FULL_AND_PIECEWISE`` /
+  ``FULL`` / ``FULL_DECODE_ONLY`` the decode forward pass is captured once per
+  batch size and replayed, and the wrapper's Python runs only at capture. So
+  everything it does per step is tensor work on persistent buffers sized by
+  capacity (``max_num_seqs`` rows, ``max_num_batched_tokens`` slots), allocated
+  once the KV cache is bound (:func:`prepare`, before vLLM captures), with the
+  rows, queries and figures written in place, the statistics' grids sized by
+  the block table's capacity (programs past a request's length exit at once)
+  and no host sync: a replay recomputes the figures of the replayed batch.
+  What the sampler cannot learn on a replay is the row count of the last
+  forward pass, so with full graphs it reads the buffer's first ``num_rows``
+  rows unconditionally (one per scheduled request; pad rows of a padded batch
+  have ``seq_len`` 0 and zero figures). CPU has no CUDA graphs; its default
+  compilation (``DYNAMO_TRACE_ONCE`` + inductor) keeps the attention custom op
+  opaque, so the wrapper runs eagerly every step.
 
 Supported: ``CPU_ATTN`` (CPU), ``FLASH_ATTN`` and ``TRITON_ATTN`` (CUDA).
 Anything else (FlashInfer, MLA backends, FlexAttention, ROCm backends, ...)
@@ -107,24 +113,50 @@ def supported_backends() -> tuple:
 # ----------------------------------------------------------------------------
 # Capture state (one per process)
 # ----------------------------------------------------------------------------
+class _Buffers:
+    """Persistent tensors of the capture, sized by capacity once (never per step).
+
+    ``rows [cap]`` int64, ``q [cap, H, D]`` the gathered queries, ``stats [4, cap]``
+    float32 the figures the sampler reads; with the key copy, ``key_flat``
+    ``[num_blocks * block_size + 1, H_kv, D]`` (its paged view ``key_paged``),
+    ``slots [max_tokens]`` int64 and ``neg [max_tokens]`` bool for the slot mapping;
+    ``workspace``: the attention statistics' scratch (``ops``).
+    """
+
+    def __init__(self, cap: int, h: int, d: int, q_dtype, device):
+        self.cap = cap
+        self.rows = torch.zeros(cap, dtype=torch.int64, device=device)
+        self.q = torch.zeros(cap, h, d, dtype=q_dtype, device=device)
+        self.stats = torch.zeros(4, cap, dtype=torch.float32, device=device)
+        self.key_flat: Optional[torch.Tensor] = None
+        self.key_paged: Optional[torch.Tensor] = None
+        self.trash_slot = 0
+        self.slots: Optional[torch.Tensor] = None
+        self.neg: Optional[torch.Tensor] = None
+
+
 class _Capture:
     def __init__(self, vllm_config, attn_layer: int):
         self.vllm_config = vllm_config
         self.attn_layer = int(attn_layer)
         sc = getattr(vllm_config, "scheduler_config", None)
         self.max_num_seqs = int(getattr(sc, "max_num_seqs", 0) or 256)
+        self.max_tokens = int(getattr(sc, "max_num_batched_tokens", 0) or 8192)
         pc = getattr(vllm_config, "parallel_config", None)
         self.tp_size = int(getattr(pc, "tensor_parallel_size", 1) or 1)
+        # With full CUDA graphs a replayed forward pass runs none of this module's
+        # Python: the sampler then cannot know the row count of the last forward
+        # pass from here, and trusts the buffer (rows past the padded batch are
+        # never read: the sampler reads one row per scheduled request).
+        cc = getattr(vllm_config, "compilation_config", None)
+        mode = getattr(cc, "cudagraph_mode", None)
+        self.graphs = bool(mode is not None and hasattr(mode, "has_full_cudagraphs")
+                           and mode.has_full_cudagraphs())
         self.layer_name: Optional[str] = None
         self.backend: Optional[str] = None
         self.use_copy = True
-        # Persistent buffers (allocated at the first real forward).
-        self.q_buf: Optional[torch.Tensor] = None
-        self.stats_buf: Optional[torch.Tensor] = None
-        self.key_flat: Optional[torch.Tensor] = None
-        self.key_paged: Optional[torch.Tensor] = None
-        self.trash_slot = 0
-        # Rows of the last forward pass of the chosen layer (None: no figures).
+        self.buf: Optional[_Buffers] = None
+        # Rows of the last eager forward pass of the chosen layer (None: no figures yet).
         self.num_rows: Optional[int] = None
 
     # -- resolution of the chosen layer --------------------------------------
@@ -196,29 +228,50 @@ class _Capture:
         return name
 
     # -- buffers ---------------------------------------------------------------
-    def _ensure_buffers(self, n: int, h: int, d: int, q_dtype, device, key: torch.Tensor,
+    def prepare(self, layers=None) -> bool:
+        """Resolve the layer and allocate every buffer now, eagerly (after the KV
+        cache exists, before vLLM captures CUDA graphs). False when the layer has
+        no KV cache yet (the buffers then come at the first forward pass)."""
+        name = self.resolve(layers)
+        layer = self._layers(layers).get(name)
+        kv_cache = getattr(layer, "kv_cache", None)
+        impl = getattr(layer, "impl", None)
+        if not isinstance(kv_cache, torch.Tensor) or kv_cache.dim() != 4 or impl is None:
+            return False
+        dtype = getattr(getattr(self.vllm_config, "model_config", None), "dtype", None)
+        if not isinstance(dtype, torch.dtype):
+            return False
+        h_kv_local = int(getattr(impl, "num_kv_heads", kv_cache.shape[1]))
+        self._ensure_buffers(impl.num_heads * self.tp_size, impl.head_size, dtype,
+                             kv_cache.device, h_kv_local, dtype, kv_cache)
+        return True
+
+    def _ensure_buffers(self, h: int, d: int, q_dtype, device, h_kv_local: int, k_dtype,
                         kv_cache: torch.Tensor) -> None:
-        cap = max(self.max_num_seqs, n)
-        if self.q_buf is None or self.q_buf.shape[0] < n or self.q_buf.shape[1:] != (h, d) \
-                or self.q_buf.device != device:
-            self.q_buf = torch.zeros(cap, h, d, dtype=q_dtype, device=device)
-            self.stats_buf = torch.zeros(4, cap, dtype=torch.float32, device=device)
-        if self.use_copy and self.key_flat is None:
-            # kv_cache logical shape: [num_blocks, H_kv_local, block_size, 2 * D].
-            num_blocks, block_size = int(kv_cache.shape[0]), int(kv_cache.shape[2])
-            h_kv = int(key.shape[1]) * self.tp_size
+        b = self.buf
+        if b is None or b.q.shape[1:] != (h, d) or b.q.device != device or b.q.dtype != q_dtype:
+            b = self.buf = _Buffers(self.max_num_seqs, h, d, q_dtype, device)
+        # kv_cache logical shape: [num_blocks, H_kv_local, block_size, 2 * D].
+        num_blocks, block_size = int(kv_cache.shape[0]), int(kv_cache.shape[2])
+        h_kv = h_kv_local * self.tp_size
+        if self.use_copy and (b.key_paged is None
+                              or b.key_paged.shape != (num_blocks, block_size, h_kv, d)):
             slots = num_blocks * block_size
-            self.key_flat = torch.zeros(slots + 1, h_kv, int(key.shape[2]), dtype=key.dtype,
-                                        device=device)
-            self.key_paged = self.key_flat[:slots].view(num_blocks, block_size, h_kv,
-                                                        int(key.shape[2]))
-            self.trash_slot = slots
-            mib = self.key_flat.numel() * self.key_flat.element_size() / 2**20
+            b.key_flat = torch.zeros(slots + 1, h_kv, d, dtype=k_dtype, device=device)
+            b.key_paged = b.key_flat[:slots].view(num_blocks, block_size, h_kv, d)
+            b.trash_slot = slots
+            b.slots = torch.zeros(self.max_tokens, dtype=torch.int64, device=device)
+            b.neg = torch.zeros(self.max_tokens, dtype=torch.bool, device=device)
+            mib = b.key_flat.numel() * b.key_flat.element_size() / 2**20
             logger.info("Entropix: key copy of layer %s: %d blocks x %d x %d heads x %d (%.1f MiB)",
-                        self.layer_name, num_blocks, block_size, h_kv, int(key.shape[2]), mib)
+                        self.layer_name, num_blocks, block_size, h_kv, d, mib)
 
     # -- the capture proper ----------------------------------------------------
     def on_forward(self, impl, layer, query, key, kv_cache, md) -> None:
+        """Runs after the chosen layer's attention, each eager step and once per
+        CUDA-graph capture. Tensor ops into persistent buffers only: no host
+        sync, no allocation sized by a per-step value (shapes are fixed for a
+        captured batch size), so a replayed graph recomputes the figures."""
         if md is None:  # profiling / warm-up run without metadata: no figures
             self.num_rows = None
             return
@@ -235,41 +288,62 @@ class _Capture:
             query = query.view(query.shape[0], h_loc, d)
         if key is not None and key.dim() == 2:
             key = key.view(key.shape[0], -1, d)
-        h = h_loc * self.tp_size
-        self._ensure_buffers(n, h, d, query.dtype, query.device, key, kv_cache)
+        h_kv_local = int(key.shape[1]) if key is not None else int(kv_cache.shape[1])
+        self._ensure_buffers(h_loc * self.tp_size, d, query.dtype, query.device, h_kv_local,
+                             key.dtype if key is not None else query.dtype, kv_cache)
+        b = self.buf
+        if n > b.cap:
+            _warn_once(f"Entropix: a forward pass with {n} requests exceeds max_num_seqs "
+                       f"({b.cap}); no attention figures for it")
+            self.num_rows = None
+            return
 
         # Each request's last query row (clamped so that padded requests of
         # zero length read a valid row; their seq_len 0 gives zero figures).
-        rows = (qsl[1:].long() - 1).clamp_(min=0)
-        q = query.index_select(0, rows)
+        rows = b.rows[:n]
+        torch.sub(qsl[1:n + 1], 1, out=rows)
+        rows.clamp_(min=0)
         if self.tp_size > 1:
-            q = vllm_api.tp_all_gather(q.contiguous(), dim=1)
-        self.q_buf[:n].copy_(q)
+            q = vllm_api.tp_all_gather(query.index_select(0, rows).contiguous(), dim=1)
+            b.q[:n].copy_(q)
+        else:
+            torch.index_select(query, 0, rows, out=b.q[:n])
 
         if self.use_copy:
             if key is None:
                 raise AttentionCaptureError(
                     f"Entropix: layer {self.layer_name} received no keys; not supported")
-            slots = self._slot_mapping(md)
-            m = min(int(slots.shape[0]), int(key.shape[0]))
-            k = key[:m]
-            if self.tp_size > 1:
-                k = vllm_api.tp_all_gather(k.contiguous(), dim=1)
-            s = slots[:m].long()
-            s = torch.where(s < 0, torch.full_like(s, self.trash_slot), s)
-            self.key_flat.index_copy_(0, s, k.to(self.key_flat.dtype))
-            keys = self.key_paged
+            self._copy_keys(key, self._slot_mapping(md))
+            keys = b.key_paged
         else:
             keys = kv_cache.transpose(1, 2).split(d, dim=-1)[0]
 
-        st = paged_attention_stats(self.q_buf[:n], keys, md.block_table[:n], md.seq_lens[:n],
+        st = paged_attention_stats(b.q[:n], keys, md.block_table[:n], md.seq_lens[:n],
                                    float(impl.scale))
-        out = self.stats_buf[:, :n]
+        out = b.stats[:, :n]
         out[0].copy_(st.attn_entropy)
         out[1].copy_(st.attn_varentropy)
         out[2].copy_(st.agreement)
         out[3].copy_(st.interaction_strength)
         self.num_rows = n
+
+    def _copy_keys(self, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """The step's new keys into the plugin's copy, at vLLM's slot mapping
+        (padding slots, ``slot < 0``, go to the trash row)."""
+        b = self.buf
+        m = min(int(slot_mapping.shape[0]), int(key.shape[0]))
+        k = key[:m]
+        if self.tp_size > 1:
+            k = vllm_api.tp_all_gather(k.contiguous(), dim=1)
+        if m <= b.slots.shape[0]:
+            s, neg = b.slots[:m], b.neg[:m]
+            s.copy_(slot_mapping[:m])
+            torch.lt(s, 0, out=neg)
+            s.masked_fill_(neg, b.trash_slot)
+        else:  # more tokens than max_num_batched_tokens (not seen in vLLM): a temporary
+            s = slot_mapping[:m].long()
+            s = s.masked_fill(s < 0, b.trash_slot)
+        b.key_flat.index_copy_(0, s, k if k.dtype == b.key_flat.dtype else k.to(b.key_flat.dtype))
 
     def _slot_mapping(self, md) -> torch.Tensor:
         sm = getattr(vllm_api.forward_context(), "slot_mapping", None)
@@ -280,15 +354,18 @@ class _Capture:
     def for_sampler(self, num_rows: int, device) -> Optional[AttnStats]:
         if self.layer_name is None:
             self.resolve()  # raises now (start-up) for an unsupported setup
-        n = self.num_rows
-        if n is None or self.stats_buf is None:
+        b = self.buf
+        if b is None:
+            return None
+        n = b.cap if self.graphs else self.num_rows
+        if n is None:
             return None
         if num_rows > n:
             _warn_once(f"Entropix: the sampler has {num_rows} logits rows but the last forward "
                        f"pass left attention figures for {n} requests; attention figures are "
                        "zeros for this step (speculative decoding is not supported)")
             return None
-        out = self.stats_buf[:, :num_rows]
+        out = b.stats[:, :num_rows]
         if device is not None and out.device != torch.device(device):
             out = out.to(device, non_blocking=True)
         return AttnStats(out[0], out[1], out[2], out[3])
@@ -374,6 +451,16 @@ def attention_stats_for_sampler(num_rows: int, device) -> Optional[AttnStats]:
     if _STATE is None:
         return None
     return _STATE.for_sampler(num_rows, device)
+
+
+def prepare() -> bool:
+    """Allocate the capture's buffers now (the runner hook calls it once the KV
+    cache is bound, before vLLM captures CUDA graphs), so that no buffer is
+    first allocated inside a graph capture. False when not installed or when
+    the chosen layer has no KV cache yet."""
+    if _STATE is None:
+        return False
+    return _STATE.prepare()
 
 
 def chosen_layer_name() -> Optional[str]:

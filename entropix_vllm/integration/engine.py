@@ -12,8 +12,9 @@ by the runner hook in each worker before its model runner is built
 * :func:`adjust_before_vllm` (before vLLM's own ``__post_init__``, whose
   runner validation would otherwise refuse them): batch-sharded sampling and
   dual-batch overlap off, one log line each;
-* :func:`adjust_after_vllm`: full CUDA graphs -> ``PIECEWISE`` (or ``NONE``
-  without piecewise compilation) so the attention capture runs every step;
+* the engine's CUDA-graph mode is kept: the attention capture is tensor ops
+  into persistent buffers, recorded into full graphs and replayed with them
+  (``attention.py``);
 * :func:`choose_runner`: which model runner an Entropix engine runs (below),
   and :func:`v2_refusal`: the message for a request only MRV2 can serve.
 
@@ -125,34 +126,10 @@ def adjust_before_vllm(vllm_config) -> List[str]:
     return changes
 
 
-def adjust_after_vllm(vllm_config) -> List[str]:
-    """Full CUDA graphs -> ``PIECEWISE`` (``NONE`` without piecewise
-    compilation): the attention capture must run eagerly each step. On CPU
-    nothing changes. Returns the log lines."""
-    changes = []
-    cc = getattr(vllm_config, "compilation_config", None)
-    mode = getattr(cc, "cudagraph_mode", None)
-    if mode is not None and hasattr(mode, "has_full_cudagraphs") and mode.has_full_cudagraphs():
-        graph_mode, compile_mode = vllm_api.cudagraph_mode(), vllm_api.compilation_mode()
-        piecewise_ok = cc.mode == compile_mode.VLLM_COMPILE
-        try:
-            piecewise_ok = piecewise_ok and (cc.splitting_ops_contain_attention()
-                                             or bool(cc.use_inductor_graph_partition))
-        except Exception:  # pragma: no cover - older/newer config API
-            pass
-        new = graph_mode.PIECEWISE if piecewise_ok else graph_mode.NONE
-        cc.cudagraph_mode = new
-        changes.append(f"Entropix: attention figures need the chosen attention layer to run "
-                       f"eagerly; cudagraph_mode {mode.name} -> {new.name}")
-    for msg in changes:
-        logger.warning(msg)
-    return changes
-
-
 def prepare(vllm_config) -> List[str]:
-    """:func:`check` and both adjustments (idempotent); the worker's entry."""
+    """:func:`check` and the adjustments (idempotent); the worker's entry."""
     check(vllm_config)
-    return adjust_before_vllm(vllm_config) + adjust_after_vllm(vllm_config)
+    return adjust_before_vllm(vllm_config)
 
 
 # ----------------------------------------------------------------------------

@@ -49,7 +49,8 @@ import torch
 from .. import step as entropix_step_mod
 from ..config import K_MAX
 from . import attention, vllm_api
-from .runtime import EntropixRuntime, batch_noise, to_device
+from ..device import to_device
+from .runtime import EntropixRuntime, batch_noise
 
 _SAMPLER_CLS = None
 _SAMPLING = threading.local()   # set while an Entropix sampler's forward runs
@@ -197,7 +198,7 @@ def _make_sampler_class(Sampler):
             seq_lens = runner.optimistic_seq_lens_cpu[:num_rows].numpy()
             generated = seq_lens > runner.input_batch.num_prompt_tokens[:num_rows]
             generated = to_device(torch.from_numpy(generated), cot_token.device)
-            return generated & (last_input.to(cot_token.device) == cot_token)
+            return generated & (last_input == cot_token)
 
         def _processed_logprobs(self, logits, sampling_metadata, override):
             """Processed logprobs/logits for Entropix rows: the masked logits at T = 1."""

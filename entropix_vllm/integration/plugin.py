@@ -130,7 +130,6 @@ def _patch_config() -> None:
         engine.engine_config(self)  # validates the sections (a wrong `sampler` value too)
         if on:
             engine.check(self)
-            engine.adjust_after_vllm(self)
 
     def use_v2_model_runner(self):
         vllm_v2 = orig_use_v2(self)
@@ -347,6 +346,16 @@ def patch_runner(spec: RunnerSpec) -> bool:
         return out
 
     init_body = build if spec.build_method == "__init__" else orig_init
+    orig_kv = cls.initialize_kv_cache
+
+    @functools.wraps(orig_kv)
+    def initialize_kv_cache(self, kv_cache_config, is_profiling=False, *args, **kwargs):
+        out = orig_kv(self, kv_cache_config, is_profiling, *args, **kwargs)
+        if getattr(self, "_entropix_runtime", None) is not None and not is_profiling:
+            # The capture's buffers now, eagerly: never first inside a CUDA-graph capture.
+            from . import attention
+            attention.prepare()
+        return out
 
     @functools.wraps(orig_init)
     def __init__(self, vllm_config, device, *args, **kwargs):
@@ -355,6 +364,7 @@ def patch_runner(spec: RunnerSpec) -> bool:
         return init_body(self, vllm_config, device, *args, **kwargs)
 
     cls.__init__ = __init__
+    cls.initialize_kv_cache = initialize_kv_cache
     if spec.build_method != "__init__":
         setattr(cls, spec.build_method, build)
     setattr(cls, _PATCHED_MARK, True)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..config import EngineConfig, parse_request_args, show
+from ..device import to_device
 from ..model_id import ModelSource
 from ..step import COEFF_NAMES, coefficient_rows
 
@@ -142,17 +143,6 @@ def resolve_cot_token(value, tokenizer, vocab_size: int, key: str) -> int:
         if tid is not None:
             return tid
     return -1
-
-
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on ``device`` without a host sync (pinned staging on CUDA).
-
-    A copy from pageable memory would wait for the stream to drain first.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 @dataclass

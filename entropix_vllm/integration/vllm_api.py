@@ -129,18 +129,9 @@ INTERNALS: Tuple[Internal, ...] = (
     _i("vllm.config:VllmConfig.watermark_config", "field", "watermarking needs MRV2"),
     _i("vllm.config.attention:AttentionConfig.hisparse_config", "field",
        "HiSparse needs MRV2"),
-    _i("vllm.config:CompilationMode", "class", "piecewise compilation check"),
-    _i("vllm.config:CompilationMode.VLLM_COMPILE", "field", "piecewise compilation check"),
-    _i("vllm.config:CUDAGraphMode", "class", "CUDA-graph mode switch"),
-    _i("vllm.config:CUDAGraphMode.PIECEWISE", "field", "full graphs -> piecewise"),
-    _i("vllm.config:CUDAGraphMode.NONE", "field", "full graphs -> none"),
-    _i("vllm.config:CUDAGraphMode.has_full_cudagraphs", "method", "full graphs?", ("self",)),
-    _i("vllm.config.compilation:CompilationConfig.cudagraph_mode", "field", "read / set"),
-    _i("vllm.config.compilation:CompilationConfig.mode", "field", "piecewise possible?"),
-    _i("vllm.config.compilation:CompilationConfig.use_inductor_graph_partition", "field",
-       "piecewise possible?"),
-    _i("vllm.config.compilation:CompilationConfig.splitting_ops_contain_attention", "method",
-       "piecewise possible?", ("self",)),
+    _i("vllm.config:CUDAGraphMode.has_full_cudagraphs", "method",
+       "full graphs? (the sampler then trusts the capture's buffer)", ("self",)),
+    _i("vllm.config.compilation:CompilationConfig.cudagraph_mode", "field", "read"),
     _i("vllm.config.compilation:CompilationConfig.static_forward_context", "field",
        "the model's attention layers (attention.resolve)"),
     _i("vllm.config.parallel:ParallelConfig.pipeline_parallel_size", "field", "refused > 1"),
@@ -155,6 +146,9 @@ INTERNALS: Tuple[Internal, ...] = (
        "turned off (reorders rows)"),
     _i("vllm.config.parallel:ParallelConfig.enable_dbo", "field", "turned off"),
     _i("vllm.config.scheduler:SchedulerConfig.max_num_seqs", "field", "capture buffer rows"),
+    _i("vllm.config.scheduler:SchedulerConfig.max_num_batched_tokens", "field",
+       "capture slot buffer size"),
+    _i("vllm.config.model:ModelConfig.dtype", "field", "capture query buffer dtype"),
     _i("vllm.config.model:ModelConfig.get_vocab_size", "method", "CoT token range", ("self",)),
     _i("vllm.config.model:ModelConfig.model", "field", "the tokenizer's source"),
     _i("vllm.config.model:ModelConfig.tokenizer", "field", "the tokenizer's source"),
@@ -195,6 +189,9 @@ INTERNALS: Tuple[Internal, ...] = (
     _i(f"{_MRV1}:GPUModelRunner", "class", "wrapped (the CPU runner subclasses it)"),
     _i(f"{_MRV1}:GPUModelRunner.__init__", "method", "wrapped: builds the sampler",
        ("self", "vllm_config", "device"), positional=True),
+    _i(f"{_MRV1}:GPUModelRunner.initialize_kv_cache", "method",
+       "wrapped: the capture's buffers once the KV cache is bound (attention.prepare)",
+       ("self", "kv_cache_config", "is_profiling"), positional=True),
     _i(f"{_MRV1}:GPUModelRunner._bookkeeping_sync", "method",
        "CPU: seeded rows' rewind skipped", ("self",)),
     _i(f"{_MRV1}:GPUModelRunner.sampler", "attribute", "the built sampler"),
@@ -241,6 +238,9 @@ INTERNALS: Tuple[Internal, ...] = (
        ("self", "vllm_config", "device"), positional=True),
     _i(f"{_MRV2}:GPUModelRunner.load_model", "method", "wrapped: builds the sampler",
        ("self",), positional=True),
+    _i(f"{_MRV2}:GPUModelRunner.initialize_kv_cache", "method",
+       "wrapped: the capture's buffers once the KV cache is bound (attention.prepare)",
+       ("self", "kv_cache_config", "is_profiling"), positional=True),
     _i(f"{_MRV2}:GPUModelRunner.sampler", "attribute", "the built sampler"),
     _i(f"{_MRV2_SAMPLER}:Sampler", "class", "subclassed: EntropixSamplerV2"),
     _i(f"{_MRV2_SAMPLER}:Sampler.__init__", "method", "inherited constructor",
@@ -283,6 +283,8 @@ INTERNALS: Tuple[Internal, ...] = (
        "decoder layers only"),
     _i("vllm.model_executor.layers.attention.attention:Attention.impl", "attribute",
        "the backend implementation"),
+    _i("vllm.model_executor.layers.attention.attention:Attention.kv_cache", "attribute",
+       "the layer's bound KV cache (attention.prepare sizes the key copy)"),
     _i("vllm.model_executor.layers.attention.attention:Attention.layer_name", "attribute",
        "the chosen layer"),
     _i("vllm.model_executor.layers.attention.attention:Attention.kv_sharing_target_layer_name",
@@ -313,6 +315,7 @@ INTERNALS: Tuple[Internal, ...] = (
                      ("flash_attn", "FlashAttentionImpl"),
                      ("triton_attn", "TritonAttentionImpl"))
     for attr, use in (("num_heads", "query rows"), ("head_size", "query rows"),
+                      ("num_kv_heads", "key copy size (attention.prepare)"),
                       ("scale", "the scores' scale"), ("sliding_window", "warning"),
                       ("alibi_slopes", "warning"), ("logits_soft_cap", "warning"),
                       ("kv_cache_dtype", "in-place read or copy"))
@@ -694,14 +697,6 @@ def engine_args_cls():
 
 def vllm_config_cls():
     return _load("vllm.config:VllmConfig")
-
-
-def compilation_mode():
-    return _load("vllm.config:CompilationMode")
-
-
-def cudagraph_mode():
-    return _load("vllm.config:CUDAGraphMode")
 
 
 def validation_error_cls():

@@ -1,0 +1,20 @@
+"""The one door for host-to-device copies on the per-step path.
+
+A copy from pageable host memory to a CUDA device first waits for the stream
+to drain (a host sync); a copy from pinned memory with ``non_blocking=True``
+does not. Every host value the Entropix step sends to the device each step
+(row settings, masks, trace row indices) goes through :func:`to_device`; the
+sync test (``tests/test_sync_free.py``) counts copies made anywhere else.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on ``device`` without a host sync (pinned staging on CUDA)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
