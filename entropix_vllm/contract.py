@@ -6,7 +6,8 @@ other import of this package (the Triton kernels import this module and nothing
 else of the package):
 
 * the result types of the ops (:class:`LogitStats`, :class:`AttnStats`,
-  :class:`BranchParams`) and the branch codes of SPEC section 3;
+  :class:`BranchParams`), the attention figures' preallocated scratch
+  (:class:`AttnWorkspace`) and the branch codes of SPEC section 3;
 * :data:`K_MAX`, the number of candidates the logit ops keep per row;
 * the coefficient table of the fused decision: ``[B, C]`` float64 whose
   columns are :class:`~entropix_vllm.config.EntropixConfig`'s fields in field
@@ -22,8 +23,8 @@ else of the package):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 if TYPE_CHECKING:  # annotations only: importing this module imports no torch
     import torch
@@ -121,6 +122,26 @@ class AttnStats:
 
         z = torch.zeros(batch, device=device, dtype=dtype or torch.float32)
         return cls(z, z.clone(), z.clone(), z.clone())
+
+
+@dataclass
+class AttnWorkspace:
+    """Scratch of ``ops.paged_attention_stats``, allocated once by capacity
+    (``ops.attention_workspace``): passed to every call with ``out=``, the call
+    allocates nothing (CUDA graphs). The backend that made it owns its layout:
+    the Triton kernels keep their partial results in ``scratch`` and their
+    arrival counters (zero between calls) in ``counters``, with ``views`` the
+    regions; the other backends need no scratch (both ``None``)."""
+
+    backend: str  # the backend it was made for
+    max_batch: int
+    num_heads: int
+    num_kv_heads: int
+    device: "torch.device"
+    scratch: "Optional[torch.Tensor]" = None  # float32
+    counters: "Optional[torch.Tensor]" = None  # int32, zero between calls
+    rows: Tuple[int, int] = (0, 0)  # Triton: partial rows of pass 1 and pass 2
+    views: dict = field(default_factory=dict)  # Triton: the regions of scratch and counters
 
 
 @dataclass

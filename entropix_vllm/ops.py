@@ -27,8 +27,8 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from . import torch_ops
-from .contract import K_MAX, NOISE_OFFSET_STRIDE, AttnStats, BranchParams, LogitStats, \
-    decide_column_indices
+from .contract import K_MAX, NOISE_OFFSET_STRIDE, AttnStats, AttnWorkspace, BranchParams, \
+    LogitStats, decide_column_indices
 
 logger = logging.getLogger("vllm.entropix")
 
@@ -71,9 +71,12 @@ def _cpp_decide_and_sample(entropy, varentropy, attn, coeff_table, columns, cand
                                 n_draws=n)
 
 
-def _cpp_paged_attention_stats(q, key_cache, block_table, seq_lens, scale):
-    return AttnStats(*torch.ops.entropix.paged_attention_stats(q, key_cache, block_table,
-                                                               seq_lens, float(scale)))
+def _cpp_paged_attention_stats(q, key_cache, block_table, seq_lens, scale, out=None,
+                               workspace=None):
+    del workspace  # the C++ op needs no scratch
+    st = AttnStats(*torch.ops.entropix.paged_attention_stats(q, key_cache, block_table,
+                                                             seq_lens, float(scale)))
+    return torch_ops.copy_attn_stats(st, out)
 
 
 # ----------------------------------------------------------------------------
@@ -333,16 +336,63 @@ def seeded_exponential_noise(seeds: torch.Tensor, positions: torch.Tensor, num_d
 
 
 def paged_attention_stats(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
-                          seq_lens: torch.Tensor, scale: float,
-                          backend: str = "auto") -> AttnStats:
+                          seq_lens: torch.Tensor, scale: float, backend: str = "auto",
+                          out: Optional[torch.Tensor] = None,
+                          workspace: Optional[AttnWorkspace] = None) -> AttnStats:
     """Attention figures (SPEC section 2) from a paged key cache.
 
     q ``[B, H, D]``: each sequence's query at the position being sampled.
     key_cache ``[num_blocks, block_size, H_kv, D]`` (any strides; fp32, fp16
     or bf16). block_table ``[B, max_blocks]`` int32/int64; seq_lens ``[B]``
     (L, the number of keys, current token included). Query head h reads kv
-    head ``h // (H // H_kv)``. Returns float32 :class:`AttnStats`; a row with
-    ``seq_len == 0`` gives zeros.
+    head ``h // (H // H_kv)``; ``scale`` a Python float. Returns float32
+    :class:`AttnStats`; a row with ``seq_len == 0`` gives zeros.
+
+    ``out``: optional float32 ``[4, >= B]`` buffer (rows: attn_entropy,
+    attn_varentropy, agreement, interaction_strength) whose first B columns
+    receive the figures; the result is then its views ``out[i, :B]``.
+    ``workspace``: from :func:`attention_workspace` with the same backend and
+    device, for at least B requests of these heads. On the ``"triton"``
+    backend a call with both allocates nothing, reads nothing back to the host
+    and launches kernels whose grids depend only on B and the block table's
+    shape (its width times the block size bounds the keys; programs past a
+    request's length exit at once): it can be captured in a CUDA graph and
+    replayed with new contents of the same tensors. ``"cpp"`` and ``"torch"``
+    (CPU; torch reads the lengths on the host) compute the figures and copy
+    them into ``out``; their workspace holds nothing.
     """
+    B = q.shape[0] if q.dim() >= 1 else 0
+    if out is not None:
+        if out.dtype != torch.float32 or out.dim() != 2 or out.shape[0] != 4 \
+                or out.shape[1] < B:
+            raise ValueError(f"out: expected a float32 [4, >= {B}] tensor, got {out.dtype} "
+                             f"{tuple(out.shape)}")
+        if out.device != q.device:
+            raise ValueError(f"out is on {out.device}, q on {q.device}")
+    if workspace is not None and workspace.device != q.device:
+        raise ValueError(f"workspace is on {workspace.device}, q on {q.device}")
     fn = implementation("paged_attention_stats", backend, q.device)
-    return fn(q, key_cache, block_table, seq_lens, scale)
+    return fn(q, key_cache, block_table, seq_lens, scale, out=out, workspace=workspace)
+
+
+def attention_workspace(max_batch: int, num_heads: int, num_kv_heads: int, device,
+                        backend: str = "auto") -> AttnWorkspace:
+    """The scratch :func:`paged_attention_stats` needs for up to ``max_batch``
+    requests of ``num_heads`` query heads and ``num_kv_heads`` kv heads on
+    ``device`` with ``backend`` (resolved as the op resolves it), allocated
+    now, once: pass it with ``out=`` to every call. Its size does not depend
+    on the number of keys (Triton: about ``4 * max(B * splits) * H`` floats,
+    with ``B * splits`` at most a few times the SM count, plus
+    ``3 * max_batch * H``). Not shared between concurrent calls.
+    """
+    device = torch.device(device)
+    be = resolve("paged_attention_stats", backend, device.type)
+    if be == "triton":
+        make = getattr(importlib.import_module(IMPLEMENTATIONS["paged_attention_stats"]
+                                               ["triton"][1]), "make_workspace")
+        return make(int(max_batch), int(num_heads), int(num_kv_heads), device)
+    if max_batch < 0 or num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"workspace: max_batch >= 0 and num_heads a multiple of num_kv_heads "
+                         f"expected, got {max_batch}, {num_heads}, {num_kv_heads}")
+    return AttnWorkspace(backend=be, max_batch=int(max_batch), num_heads=int(num_heads),
+                         num_kv_heads=int(num_kv_heads), device=device)

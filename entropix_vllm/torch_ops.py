@@ -170,10 +170,26 @@ def seeded_exponential_noise(seeds: torch.Tensor, positions: torch.Tensor, num_d
 # ----------------------------------------------------------------------------
 # paged_attention_stats
 # ----------------------------------------------------------------------------
-def paged_attention_stats(q, key_cache, block_table, seq_lens, scale) -> AttnStats:
-    """Gathers each sequence's keys and runs :func:`reference.attention_stats`."""
+def copy_attn_stats(st: AttnStats, out=None) -> AttnStats:
+    """``st`` itself, or copied into ``out[:, :B]`` and returned as its views
+    (the ``out=`` of ``ops.paged_attention_stats`` for backends that allocate)."""
+    if out is None:
+        return st
+    B = st.attn_entropy.shape[0]
+    fields = ("attn_entropy", "attn_varentropy", "agreement", "interaction_strength")
+    for i, f in enumerate(fields):
+        out[i, :B].copy_(getattr(st, f))
+    return AttnStats(*(out[i, :B] for i in range(4)))
+
+
+def paged_attention_stats(q, key_cache, block_table, seq_lens, scale, out=None,
+                          workspace=None) -> AttnStats:
+    """Gathers each sequence's keys and runs :func:`reference.attention_stats`
+    (reads the lengths on the host; ``workspace`` unused)."""
+    del workspace
     keys = [reference.gather_paged(key_cache, block_table[b], int(seq_lens[b]))
             for b in range(q.shape[0])]
     s = reference.attention_stats(q, keys, scale)
-    return AttnStats(*(getattr(s, f).float() for f in
-                       ("attn_entropy", "attn_varentropy", "agreement", "interaction_strength")))
+    st = AttnStats(*(getattr(s, f).float() for f in
+                     ("attn_entropy", "attn_varentropy", "agreement", "interaction_strength")))
+    return copy_attn_stats(st, out)

@@ -15,6 +15,10 @@ points, each the ``"triton"`` implementation of one op of ``entropix_vllm.ops``:
 * :func:`entropix_vllm.triton_kernels.seeded_noise.seeded_exponential_noise`
 * :func:`entropix_vllm.triton_kernels.attn_stats.paged_attention_stats`
 
+``launch.py`` holds what the launchers share: the device a plan is made for
+and the rules that keep every kernel's Triton specialisation key independent
+of per-step values (``tests/test_launch_keys.py``).
+
 Submodules are imported lazily by ``entropix_vllm.ops`` (and only for CUDA
 tensors or when the ``"triton"`` backend is named), so that importing this
 package never imports triton or compiles anything.

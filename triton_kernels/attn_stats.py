@@ -69,7 +69,6 @@ and multiplied in IEEE fp32.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -78,10 +77,13 @@ import torch
 import triton
 import triton.language as tl
 
-from entropix_vllm.contract import AttnStats
+from entropix_vllm.contract import AttnStats, AttnWorkspace
+
+from . import launch
 
 __all__ = [
     "paged_attention_stats",
+    "make_workspace",
     "head_stats",
     "agreement_abs_sum",
     "HeadStats",
@@ -166,11 +168,12 @@ def _all_head_scores(qv, k_ptr, bt_row, n0, end, r_g, r_j, d, d_ok, gsel, scale,
 
 
 @triton.jit
-def _finish_heads(part_ptr, plane, row0, n_split, head_ptr, out_ptr, b, B, H, L,
-                  H_PAD: tl.constexpr, S_CHUNK: tl.constexpr):
+def _finish_heads(part_ptr, plane, row0, n_split, head_ptr, head_plane, out_ptr, s_out, s_outb,
+                  b, H, L, H_PAD: tl.constexpr, S_CHUNK: tl.constexpr):
     """Merge one request's ``n_split`` partials (rows ``row0 ..`` of the
-    ``[4, rows, H]`` partials), in order; write per-head lse / entropy / sum|s|
-    and the request's attn_entropy, attn_varentropy, interaction_strength."""
+    ``[4, plane]`` partials, head-minor), in order; write per-head lse /
+    entropy / sum|s| (``[3, head_plane]``, request-major) and the request's
+    attn_entropy, attn_varentropy, interaction_strength (figures 0, 1, 3)."""
     hh = tl.arange(0, H_PAD)
     h_ok = hh < H
     M = tl.full([H_PAD], float("-inf"), tl.float32)
@@ -192,16 +195,17 @@ def _finish_heads(part_ptr, plane, row0, n_split, head_ptr, out_ptr, b, B, H, L,
     ent = tl.where(h_ok, (log_s0 - S1 / S0_safe) * 1.4426950408889634, 0.0)
     hb = head_ptr + b * H + hh
     tl.store(hb, lse, mask=h_ok)
-    tl.store(hb + B * H, ent, mask=h_ok)
-    tl.store(hb + 2 * B * H, A, mask=h_ok)
+    tl.store(hb + head_plane, ent, mask=h_ok)
+    tl.store(hb + 2 * head_plane, A, mask=h_ok)
     Hf = H * 1.0
     ae = tl.sum(ent, axis=0) / Hf
     dev = tl.where(h_ok, ent - ae, 0.0)
     av = tl.sum(dev * dev, axis=0) / Hf
     is_ = tl.sum(tl.where(h_ok, A, 0.0), axis=0) / (Hf * L)
-    tl.store(out_ptr + b, ae)
-    tl.store(out_ptr + B + b, av)
-    tl.store(out_ptr + 3 * B + b, is_)
+    ob = out_ptr + b.to(tl.int64) * s_outb
+    tl.store(ob, ae)
+    tl.store(ob + s_out, av)
+    tl.store(ob + 3 * s_out, is_)
 
 
 @triton.jit
@@ -213,14 +217,26 @@ def _sum_parts(part_ptr, row0, n, S_CHUNK: tl.constexpr):
     return tl.sum(tot, axis=0)
 
 
-@triton.jit
+#: The per-step ints of each pass (split count and keys per split, which change
+#: with the batch size; the key bound, which changes with ``max_seq_len``; the
+#: strides of the caller's figures and of a workspace sized by the call): never
+#: specialised (``launch.py``, rule 1). And the pointers the passes read or
+#: write one scalar through (lengths, arrival counters, figures): alignment
+#: not specialised (rule 2).
+PASS1_PER_STEP = ["NS", "TPS", "L_CAP", "plane", "head_plane", "s_out", "s_outb"]
+PASS2_PER_STEP = ["NS", "TPS", "L_CAP", "s_res"]
+SCALAR_POINTERS1 = ["len_ptr", "cnt_ptr", "out_ptr"]
+SCALAR_POINTERS2 = ["len_ptr", "cnt_ptr", "res_ptr"]
+
+
+@triton.jit(do_not_specialize=PASS1_PER_STEP, do_not_specialize_on_alignment=SCALAR_POINTERS1)
 def _head_partials_kernel(
     q_ptr, k_ptr, bt_ptr, len_ptr,
-    part_ptr,  # float32 [4, B, NS, H]: m, S0, S1, sum|s| per split
-    cnt_ptr,  # int32 [B], zeroed
-    head_ptr,  # float32 [3, B, H]: lse (nats), entropy (bits), sum|s|
-    out_ptr,  # float32 [4, B]: attn_entropy, attn_varentropy, (agreement), IS
-    scale, B, H, NS, KPS, L_CAP,
+    part_ptr,  # float32 [4, plane]: m, S0, S1, sum|s| of split row b * NS + sid, head h
+    cnt_ptr,  # int32 [>= B], zero on entry; left zero (the last program resets it)
+    head_ptr,  # float32 [3, head_plane]: lse (nats), entropy (bits), sum|s| at b * H + h
+    out_ptr,  # float32 figures: figure f of request b at f * s_out + b * s_outb
+    scale, H, NS, TPS, L_CAP, plane, head_plane, s_out, s_outb,
     sq_b, sq_h, sq_d,
     sk_n, sk_p, sk_h, sk_d,
     sbt_b, sbt_n,
@@ -233,6 +249,7 @@ def _head_partials_kernel(
     b = tl.program_id(2)
     L = tl.load(len_ptr + b).to(tl.int32)
     L = tl.minimum(tl.maximum(L, 0), L_CAP)
+    KPS = TPS * BLOCK_N  # keys per split, a whole number of tiles
     start = sid * KPS
     if start < L:
         end = tl.minimum(start + KPS, L)
@@ -263,7 +280,6 @@ def _head_partials_kernel(
             valid = row_ok[:, None] & n_ok[None, :]
             m, s0, s1, a = _online_update(m, s0, s1, a, s, valid)
 
-        plane = B * NS * H
         poff = (b * NS + sid) * H + h
         tl.store(part_ptr + poff, m, mask=row_ok)
         tl.store(part_ptr + plane + poff, s0, mask=row_ok)
@@ -273,18 +289,26 @@ def _head_partials_kernel(
         n_split = tl.cdiv(L, KPS)
         prev = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel")
         if prev == n_split * (H // G) - 1:
-            # Last program of this request: merge its partials, in split order.
-            _finish_heads(part_ptr, plane, b * NS, n_split, head_ptr, out_ptr, b, B, H, L,
-                          H_PAD, S_CHUNK)
+            # Last program of this request: merge its partials, in split order,
+            # and leave the counter at zero for the next call.
+            _finish_heads(part_ptr, plane, b * NS, n_split, head_ptr, head_plane, out_ptr,
+                          s_out, s_outb, b, H, L, H_PAD, S_CHUNK)
+            tl.atomic_xchg(cnt_ptr + b, 0)
+    if (L == 0) & (sid == 0) & (g == 0):
+        # no keys: zero figures (the caller's buffer is not zeroed beforehand)
+        ob = out_ptr + b.to(tl.int64) * s_outb
+        tl.store(ob, 0.0)
+        tl.store(ob + s_out, 0.0)
+        tl.store(ob + 3 * s_out, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PASS2_PER_STEP, do_not_specialize_on_alignment=SCALAR_POINTERS2)
 def _agreement_kernel(
     q_ptr, k_ptr, bt_ptr, len_ptr, lse_ptr,
-    part_ptr,  # float32 [B, NS]: per-program sums of |P - Pbar|
-    cnt_ptr,  # int32 [B], zeroed
-    res_ptr,  # float32 [B]: agreement (NORMALIZE) or the raw sum
-    scale, B, H, NS, KPS, L_CAP, H_ROW,
+    part_ptr,  # float32 [>= B * NS]: per-program sums of |P - Pbar|
+    cnt_ptr,  # int32 [>= B], zero on entry; left zero (the last program resets it)
+    res_ptr,  # float32: agreement (NORMALIZE) or the raw sum of request b at b * s_res
+    scale, H, NS, TPS, L_CAP, H_ROW, s_res,
     sq_b, sq_h, sq_d,
     sk_n, sk_p, sk_h, sk_d,
     sbt_b, sbt_n, slse_b, slse_h,
@@ -298,12 +322,13 @@ def _agreement_kernel(
     pid_b = tl.program_id(1)
     if REVERSE:
         sid = NS - 1 - pid_s
-        b = B - 1 - pid_b
+        b = tl.num_programs(1) - 1 - pid_b
     else:
         sid = pid_s
         b = pid_b
     L = tl.load(len_ptr + b).to(tl.int32)
     L = tl.minimum(tl.maximum(L, 0), L_CAP)
+    KPS = TPS * BLOCK_N
     start = sid * KPS
     if start < L:
         end = tl.minimum(start + KPS, L)
@@ -343,7 +368,10 @@ def _agreement_kernel(
             total = _sum_parts(part_ptr, b * NS, n_split, S_CHUNK)
             if NORMALIZE:
                 total = total / (H_ROW * L)
-            tl.store(res_ptr + b, total)
+            tl.store(res_ptr + b.to(tl.int64) * s_res, total)
+            tl.atomic_xchg(cnt_ptr + b, 0)
+    if (L == 0) & (sid == 0):
+        tl.store(res_ptr + b.to(tl.int64) * s_res, 0.0)
 
 
 # ----------------------------------------------------------------------------
@@ -353,17 +381,23 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: Optional[int]) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
+
+
+def _sms(device: torch.device) -> int:
+    """The SM count the split counts aim at (1 under the interpreter: few programs)."""
+    prof = launch.device_profile(device)
+    return prof.sms if prof.gpu else 1
+
+
+def _target_splits1(B: int, HKV: int, sms: int) -> int:
+    """Pass 1's split count before rounding to tiles: about 4 programs per SM."""
+    return max(1, min(64, -(-4 * sms // (max(B, 1) * HKV))))
+
+
+def _target_splits2(B: int, sms: int) -> int:
+    return max(1, min(1024, -(-4 * sms // max(B, 1))))
 
 
 @dataclass(frozen=True)
@@ -382,16 +416,25 @@ class _Plan:
     H_PAD: int
     HKV_PAD: int
     block_n1: int
-    kps1: int
+    tps1: int  # tiles (of block_n1 keys) per split
     ns1: int
     block_n2: int
-    kps2: int
+    tps2: int
     ns2: int
     num_warps1: int
     num_warps2: int
     num_stages1: int
     num_stages2: int
     reverse: bool
+
+    @property
+    def rows1(self) -> int:
+        """Rows of pass 1's partials (``B * ns1``; each ``H`` floats per quantity)."""
+        return self.B * self.ns1
+
+    @property
+    def rows2(self) -> int:
+        return self.B * self.ns2
 
 
 def _check_inputs(q, key_cache, block_table, seq_lens):
@@ -427,7 +470,7 @@ def _check_inputs(q, key_cache, block_table, seq_lens):
     for name, t in (("key_cache", key_cache), ("block_table", block_table), ("seq_lens", seq_lens)):
         if t.device != dev:
             raise ValueError(f"{name} is on {t.device}, q on {dev}")
-    if dev.type != "cuda" and not _interpreting():
+    if not launch.device_profile(dev).gpu and not _interpreting():
         raise RuntimeError("triton attention statistics need CUDA tensors (or TRITON_INTERPRET=1 "
                            "set before entropix_vllm.triton_kernels is imported, for CPU tensors)")
 
@@ -452,9 +495,9 @@ def _plan(q, key_cache, block_table, seq_lens, max_seq_len=None, **tuning) -> _P
 
 
 def _make_plan(q, key_cache, block_table, seq_lens, max_seq_len=None, *, block_n1=None,
-          keys_per_split1=None, block_n2=None, keys_per_split2=None, num_warps1=None,
-          num_warps2=None, num_stages1=None, num_stages2=None, reverse=True,
-          half_dot=None) -> _Plan:
+               keys_per_split1=None, block_n2=None, keys_per_split2=None, num_warps1=None,
+               num_warps2=None, num_stages1=None, num_stages2=None, reverse=True,
+               half_dot=None) -> _Plan:
     _check_inputs(q, key_cache, block_table, seq_lens)
     B, H, D = q.shape
     BS, HKV = key_cache.shape[1], key_cache.shape[2]
@@ -462,13 +505,14 @@ def _make_plan(q, key_cache, block_table, seq_lens, max_seq_len=None, *, block_n
     capacity = block_table.shape[1] * BS
     bound = capacity if max_seq_len is None else max(1, min(int(max_seq_len), capacity))
     bound = max(bound, 1)
+    gpu = launch.device_profile(q.device).gpu
     if half_dot is None:
-        half_dot = (q.is_cuda and q.dtype == key_cache.dtype and q.dtype in _HALF_DTYPES)
-    D_PAD = max(16, _pow2(D))
-    G_PAD = max(16, _pow2(G))
-    H_PAD = max(16, _pow2(H))
-    HKV_PAD = _pow2(HKV)
-    sms = _num_sms(q.device.index) if q.is_cuda else 1
+        half_dot = (gpu and q.dtype == key_cache.dtype and q.dtype in _HALF_DTYPES)
+    D_PAD = max(16, launch.next_pow2(D))
+    G_PAD = max(16, launch.next_pow2(G))
+    H_PAD = max(16, launch.next_pow2(H))
+    HKV_PAD = launch.next_pow2(HKV)
+    sms = _sms(q.device)
 
     # Tile sizes picked from register counts of sm_90 builds (no spills): the
     # fp32 path multiplies with FMAs and needs smaller tiles / more warps.
@@ -486,34 +530,100 @@ def _make_plan(q, key_cache, block_table, seq_lens, max_seq_len=None, *, block_n
     if keys_per_split1:
         kps1 = _round_up(int(keys_per_split1), bn1)
     else:
-        ns = max(1, min(64, -(-4 * sms // (max(B, 1) * HKV))))
-        kps1 = _round_up(-(-bound // ns), bn1)
+        kps1 = _round_up(-(-bound // _target_splits1(B, HKV, sms)), bn1)
     ns1 = -(-bound // kps1)
 
     bn2 = block_n2 or max(rows2 // HKV_PAD, -(-16 // HKV_PAD), 1)
     if keys_per_split2:
         kps2 = _round_up(int(keys_per_split2), bn2)
     else:
-        ns = max(1, min(1024, -(-4 * sms // max(B, 1))))
-        kps2 = _round_up(-(-bound // ns), bn2)
+        kps2 = _round_up(-(-bound // _target_splits2(B, sms)), bn2)
     ns2 = -(-bound // kps2)
 
     return _Plan(B=B, H=H, HKV=HKV, G=G, D=D, BS=BS, L_CAP=bound, bound=bound,
                  half_dot=bool(half_dot), D_PAD=D_PAD, G_PAD=G_PAD, H_PAD=H_PAD,
-                 HKV_PAD=HKV_PAD, block_n1=bn1, kps1=kps1, ns1=ns1, block_n2=bn2, kps2=kps2,
-                 ns2=ns2, num_warps1=num_warps1 or warps1, num_warps2=num_warps2 or warps,
-                 num_stages1=num_stages1 or 3, num_stages2=num_stages2 or 2,
-                 reverse=bool(reverse))
+                 HKV_PAD=HKV_PAD, block_n1=bn1, tps1=kps1 // bn1, ns1=ns1, block_n2=bn2,
+                 tps2=kps2 // bn2, ns2=ns2, num_warps1=num_warps1 or warps1,
+                 num_warps2=num_warps2 or warps, num_stages1=num_stages1 or 3,
+                 num_stages2=num_stages2 or 2, reverse=bool(reverse))
 
 
-def _launch_pass1(p: _Plan, q, key_cache, block_table, seq_lens, scale, cnt, head, out,
-                  part=None):
-    if part is None:
-        part = torch.empty((4, p.B, p.ns1, p.H), dtype=torch.float32, device=q.device)
+# ----------------------------------------------------------------------------
+# Workspace: every scratch buffer of both passes, allocated once
+# ----------------------------------------------------------------------------
+def workspace_rows(max_batch: int, num_kv_heads: int, device: torch.device) -> tuple:
+    """``(rows1, rows2)``: the partial rows (``B * splits``) the default plans of
+    any batch ``B <= max_batch`` need on ``device``, whatever the key capacity
+    (a plan's split count never exceeds its target, ``_target_splits*``)."""
+    sms = _sms(device)
+    r1 = max((b * _target_splits1(b, num_kv_heads, sms) for b in range(1, max_batch + 1)),
+             default=0)
+    r2 = max((b * _target_splits2(b, sms) for b in range(1, max_batch + 1)), default=0)
+    return r1, r2
+
+
+def make_workspace(max_batch: int, num_heads: int, num_kv_heads: int, device,
+                   rows: Optional[tuple] = None) -> AttnWorkspace:
+    """The scratch of :func:`paged_attention_stats` for up to ``max_batch``
+    requests of ``num_heads`` query and ``num_kv_heads`` kv heads on ``device``
+    (``ops.attention_workspace``): one float32 buffer (pass 1's partials
+    ``[4, rows1 * H]``, the per-head results ``[3, max_batch * H]``, pass 2's
+    partials ``[rows2]``, each region starting on a 16-byte boundary) and one
+    int32 buffer of arrival counters ``[2, max_batch]``, zeroed here once: the
+    kernels leave them at zero. ``rows``: ``(rows1, rows2)``, by default
+    :func:`workspace_rows` (enough for every default plan)."""
+    device = torch.device(device)
+    max_batch, H = int(max_batch), int(num_heads)
+    if max_batch < 0 or H < 1 or num_kv_heads < 1 or H % num_kv_heads:
+        raise ValueError(f"workspace: max_batch >= 0 and num_heads a multiple of num_kv_heads "
+                         f"expected, got {max_batch}, {num_heads}, {num_kv_heads}")
+    r1, r2 = workspace_rows(max_batch, num_kv_heads, device) if rows is None else rows
+    al = launch.aligned
+    plane1, plane_h, n2 = al(r1 * H, 4), al(max_batch * H, 4), al(r2, 4)
+    scratch = torch.empty(4 * plane1 + 3 * plane_h + n2, dtype=torch.float32, device=device)
+    nc = al(max_batch, 4)
+    counters = torch.zeros(2 * nc, dtype=torch.int32, device=device)
+    o_h = 4 * plane1
+    o_2 = o_h + 3 * plane_h
+    views = dict(part1=scratch[:o_h], head=scratch[o_h:o_2], part2=scratch[o_2:],
+                 cnt1=counters[:nc], cnt2=counters[nc:], plane1=plane1, plane_h=plane_h)
+    return AttnWorkspace(backend="triton", max_batch=max_batch, num_heads=H,
+                         num_kv_heads=int(num_kv_heads), device=device, scratch=scratch,
+                         counters=counters, rows=(r1, r2), views=views)
+
+
+def _check_workspace(ws: AttnWorkspace, p: _Plan, device) -> None:
+    if ws.backend != "triton" or ws.scratch is None:
+        raise ValueError(f"workspace: made for the {ws.backend!r} backend, not 'triton' "
+                         "(ops.attention_workspace with the backend of the call)")
+    if ws.device != device:
+        raise ValueError(f"workspace is on {ws.device}, q on {device}")
+    if p.B > ws.max_batch or p.H != ws.num_heads or p.HKV != ws.num_kv_heads:
+        raise ValueError(f"workspace: made for <= {ws.max_batch} requests of {ws.num_heads} "
+                         f"heads ({ws.num_kv_heads} kv), called with {p.B} of {p.H} ({p.HKV})")
+    if p.rows1 > ws.rows[0] or p.rows2 > ws.rows[1]:
+        raise ValueError(f"workspace: this launch plan needs {p.rows1} / {p.rows2} partial rows, "
+                         f"the workspace holds {ws.rows[0]} / {ws.rows[1]} (a tuning override "
+                         "asks for more splits than the default plans: make the workspace with "
+                         "rows=...)")
+
+
+def _check_out(out: torch.Tensor, B: int, device) -> None:
+    if out.dtype != torch.float32 or out.dim() != 2 or out.shape[0] != 4 or out.shape[1] < B:
+        raise ValueError(f"out: expected a float32 [4, >= {B}] tensor, got {out.dtype} "
+                         f"{tuple(out.shape)}")
+    if out.device != device:
+        raise ValueError(f"out is on {out.device}, q on {device}")
+
+
+def _launch_pass1(p: _Plan, q, key_cache, block_table, seq_lens, scale, ws: AttnWorkspace,
+                  out: torch.Tensor):
+    v = ws.views
     grid = (p.ns1, p.HKV, p.B)
     _head_partials_kernel[grid](
-        q, key_cache, block_table, seq_lens, part, cnt, head, out,
-        float(scale), p.B, p.H, p.ns1, p.kps1, p.L_CAP,
+        q, key_cache, block_table, seq_lens, v["part1"], v["cnt1"], v["head"], out,
+        float(scale), p.H, p.ns1, p.tps1, p.L_CAP, v["plane1"], v["plane_h"],
+        out.stride(0), out.stride(1),
         q.stride(0), q.stride(1), q.stride(2),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), key_cache.stride(3),
         block_table.stride(0), block_table.stride(1),
@@ -523,14 +633,13 @@ def _launch_pass1(p: _Plan, q, key_cache, block_table, seq_lens, scale, cnt, hea
     )
 
 
-def _launch_pass2(p: _Plan, q, key_cache, block_table, seq_lens, scale, lse, cnt, res,
-                  h_row: float, normalize: bool, part=None):
-    if part is None:
-        part = torch.empty((p.B, p.ns2), dtype=torch.float32, device=q.device)
+def _launch_pass2(p: _Plan, q, key_cache, block_table, seq_lens, scale, lse, ws: AttnWorkspace,
+                  res: torch.Tensor, h_row: float, normalize: bool):
+    v = ws.views
     grid = (p.ns2, p.B)
     _agreement_kernel[grid](
-        q, key_cache, block_table, seq_lens, lse, part, cnt, res,
-        float(scale), p.B, p.H, p.ns2, p.kps2, p.L_CAP, float(h_row),
+        q, key_cache, block_table, seq_lens, lse, v["part2"], v["cnt2"], res,
+        float(scale), p.H, p.ns2, p.tps2, p.L_CAP, float(h_row), res.stride(0),
         q.stride(0), q.stride(1), q.stride(2),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), key_cache.stride(3),
         block_table.stride(0), block_table.stride(1), lse.stride(0), lse.stride(1),
@@ -541,43 +650,60 @@ def _launch_pass2(p: _Plan, q, key_cache, block_table, seq_lens, scale, lse, cnt
     )
 
 
+def _call_workspace(p: _Plan, device, workspace: Optional[AttnWorkspace]) -> AttnWorkspace:
+    if workspace is None:  # one for this call, exactly the plan's size
+        return make_workspace(p.B, p.H, p.HKV, device, rows=(p.rows1, p.rows2))
+    _check_workspace(workspace, p, device)
+    return workspace
+
+
 # ----------------------------------------------------------------------------
 # Public entry points
 # ----------------------------------------------------------------------------
 def paged_attention_stats(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
                           seq_lens: torch.Tensor, scale: float,
-                          max_seq_len: Optional[int] = None, **tuning) -> AttnStats:
+                          max_seq_len: Optional[int] = None, *,
+                          out: Optional[torch.Tensor] = None,
+                          workspace: Optional[AttnWorkspace] = None, **tuning) -> AttnStats:
     """The four figures of SPEC section 2 per request (float32 ``[B]`` each).
 
     q ``[B, H, D]``; key_cache ``[num_blocks, block_size, H_kv, D]`` (any
     strides); block_table ``[B, max_blocks]`` int32/int64; seq_lens ``[B]``
     int32/int64 (a row with 0 keys gives zeros); ``scale`` the model's softmax
-    scale. ``max_seq_len`` (optional Python int >= max(seq_lens)) sizes the
-    grid; without it the grid covers ``block_table.shape[1] * block_size``
-    keys. ``tuning`` overrides launch parameters (``block_n1``,
+    scale (a Python float). ``max_seq_len`` (optional Python int >=
+    max(seq_lens)) sizes the grid; without it the grid covers
+    ``block_table.shape[1] * block_size`` keys (programs past a request's
+    length exit at once).
+
+    ``out``: a float32 ``[4, >= B]`` buffer (any strides) that receives the
+    figures in columns ``0..B-1`` (rows: attn_entropy, attn_varentropy,
+    agreement, interaction_strength); the result is its views. ``workspace``:
+    from :func:`make_workspace` (``ops.attention_workspace``) for at least B
+    requests of these heads. With both, a call allocates nothing, reads no
+    value back to the host and launches two kernels whose grids depend only on
+    B and the block table's shape: it can be captured in a CUDA graph and
+    replayed with new queries, tables and lengths in the same tensors. Calls
+    sharing a workspace must not run concurrently (one stream).
+
+    ``tuning`` overrides launch parameters (``block_n1``,
     ``keys_per_split1``, ``block_n2``, ``keys_per_split2``, ``num_warps1/2``,
     ``num_stages1/2``, ``reverse``, ``half_dot``); for tests and benchmarks.
     """
     p = _plan(q, key_cache, block_table, seq_lens, max_seq_len, **tuning)
     dev = q.device
-    if p.B == 0:
-        return AttnStats.zeros(0, device=dev)
-    # Two allocations: one zeroed buffer for the 4*B float32 outputs (0 bits =
-    # 0.0) and the 2*B arrival counters, one scratch buffer for the rest.
-    B, H = p.B, p.H
-    buf = torch.zeros(6 * B, dtype=torch.int32, device=dev)
-    out = buf[: 4 * B].view(torch.float32).view(4, B)
-    cnt = buf[4 * B:].view(2, B)
-    n1, nh = 4 * B * p.ns1 * H, 3 * B * H
-    scratch = torch.empty(n1 + nh + B * p.ns2, dtype=torch.float32, device=dev)
-    part1 = scratch[:n1].view(4, B, p.ns1, H)
-    head = scratch[n1:n1 + nh].view(3, B, H)
-    part2 = scratch[n1 + nh:].view(B, p.ns2)
-    _launch_pass1(p, q, key_cache, block_table, seq_lens, scale, cnt[0], head, out, part1)
-    _launch_pass2(p, q, key_cache, block_table, seq_lens, scale, head[0], cnt[1], out[2],
-                  h_row=p.H, normalize=True, part=part2)
-    return AttnStats(attn_entropy=out[0], attn_varentropy=out[1], agreement=out[2],
-                     interaction_strength=out[3])
+    B = p.B
+    if out is None:
+        out = torch.empty((4, launch.aligned(B, 4)), dtype=torch.float32, device=dev)
+    else:
+        _check_out(out, B, dev)
+    if B:
+        ws = _call_workspace(p, dev, workspace)
+        _launch_pass1(p, q, key_cache, block_table, seq_lens, scale, ws, out)
+        lse = ws.views["head"][:B * p.H].view(B, p.H)
+        _launch_pass2(p, q, key_cache, block_table, seq_lens, scale, lse, ws, out[2],
+                      h_row=p.H, normalize=True)
+    return AttnStats(attn_entropy=out[0, :B], attn_varentropy=out[1, :B],
+                     agreement=out[2, :B], interaction_strength=out[3, :B])
 
 
 @dataclass
@@ -595,23 +721,25 @@ def head_stats(q, key_cache, block_table, seq_lens, scale, max_seq_len=None,
     """Pass 1 alone (benchmarks): the per-head results."""
     p = _plan(q, key_cache, block_table, seq_lens, max_seq_len, **tuning)
     dev = q.device
-    head = torch.zeros((3, p.B, p.H), dtype=torch.float32, device=dev)
-    if p.B:
-        cnt = torch.zeros(p.B, dtype=torch.int32, device=dev)
-        scratch = torch.empty((4, p.B), dtype=torch.float32, device=dev)
-        _launch_pass1(p, q, key_cache, block_table, seq_lens, scale, cnt, head, scratch)
+    if p.B == 0:
+        z = torch.zeros((0, p.H), dtype=torch.float32, device=dev)
+        return HeadStats(lse=z, entropy=z.clone(), abs_sum=z.clone())
+    ws = make_workspace(p.B, p.H, p.HKV, dev, rows=(p.rows1, p.rows2))
+    out = torch.empty((4, launch.aligned(p.B, 4)), dtype=torch.float32, device=dev)
+    _launch_pass1(p, q, key_cache, block_table, seq_lens, scale, ws, out)
+    head = ws.views["head"].view(3, ws.views["plane_h"])[:, :p.B * p.H].view(3, p.B, p.H)
     return HeadStats(lse=head[0], entropy=head[1], abs_sum=head[2])
 
 
 def agreement_abs_sum(q, key_cache, block_table, seq_lens, scale, lse, max_seq_len=None,
                       **tuning) -> torch.Tensor:
     """Pass 2 alone (benchmarks): ``[B]`` float32 ``sum_{h,k} |P_hk - Pbar_k|``
-    with ``lse`` ``[B, H]`` from :func:`head_stats`."""
+    with ``lse`` ``[B, H]`` from :func:`head_stats` (0 for rows with 0 keys)."""
     p = _plan(q, key_cache, block_table, seq_lens, max_seq_len, **tuning)
     dev = q.device
-    res = torch.zeros(p.B, dtype=torch.float32, device=dev)
+    res = torch.empty(p.B, dtype=torch.float32, device=dev)
     if p.B:
-        cnt = torch.zeros(p.B, dtype=torch.int32, device=dev)
-        _launch_pass2(p, q, key_cache, block_table, seq_lens, scale, lse, cnt, res,
+        ws = make_workspace(p.B, p.H, p.HKV, dev, rows=(p.rows1, p.rows2))
+        _launch_pass2(p, q, key_cache, block_table, seq_lens, scale, lse, ws, res,
                       h_row=p.H, normalize=False)
     return res

@@ -85,7 +85,16 @@ def sample_row(cv_row, ci_row, q_row, s_qj, K, N, temp, topk, top_p, mp, n,
     return tl.load(ci_row + best_c)
 
 
-@triton.jit
+#: The per-step ints of the draw kernels (the noise depth N and the noise's row
+#: stride N * K): never specialised (``launch.py``, rule 1).
+NOISE_DEPTH_ARGS = ["N", "s_qb"]
+#: The per-row parameter and result pointers the draw kernels read or write
+#: one scalar of per row: their alignment is not specialised (rule 2).
+SAMPLE_ROW_POINTERS = ["t_ptr", "k_ptr", "p_ptr", "mp_ptr", "n_ptr", "out_ptr"]
+
+
+@triton.jit(do_not_specialize=NOISE_DEPTH_ARGS,
+            do_not_specialize_on_alignment=SAMPLE_ROW_POINTERS)
 def _sample_kernel(cv_ptr, ci_ptr, t_ptr, k_ptr, p_ptr, mp_ptr, n_ptr, q_ptr, out_ptr,
                    K, N, s_cv, s_ci, s_qb, s_qj,
                    KP: tl.constexpr):

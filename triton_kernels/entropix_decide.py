@@ -32,7 +32,7 @@ import triton.language as tl
 
 from entropix_vllm import contract
 
-from .candidate_sampling import sample_row
+from .candidate_sampling import NOISE_DEPTH_ARGS, sample_row
 
 # branch codes (contract.ARGMAX ... contract.ADAPTIVE)
 ARGMAX = tl.constexpr(contract.ARGMAX)
@@ -71,7 +71,16 @@ def _round_half_even(x):
     return tl.where(tie & odd, r - 1.0, r)
 
 
-@triton.jit
+#: Pointers the decision reads or writes only scalars through (figures,
+#: coefficients, argmax, CoT settings and logit, results): their alignment is
+#: not specialised (``launch.py``, rule 2); the noise depth as in
+#: ``candidate_sampling``.
+_ROW_POINTERS = ["ent_ptr", "vent_ptr", "ae_ptr", "av_ptr", "agr_ptr", "is_ptr", "coef_ptr",
+                 "arg_ptr", "cot_ptr", "prev_ptr", "logits_ptr", "tok_ptr", "br_ptr", "t_ptr",
+                 "k_ptr", "p_ptr", "mp_ptr", "n_ptr"]
+
+
+@triton.jit(do_not_specialize=NOISE_DEPTH_ARGS, do_not_specialize_on_alignment=_ROW_POINTERS)
 def _decide_kernel(
     ent_ptr, vent_ptr, ae_ptr, av_ptr, agr_ptr, is_ptr,
     coef_ptr, s_coef, cv_ptr, ci_ptr, s_cv, s_ci, K, q_ptr, s_qb, s_qj, N,

@@ -85,6 +85,8 @@ import triton.language as tl
 
 from entropix_vllm.contract import K_MAX, LogitStats
 
+from . import launch
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -240,15 +242,18 @@ def _blockmax_topk(x_row, V, bm_row, NB, scratch, out_v, out_i, NC,
 # ----------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["CHUNK_TILES", "NS"])
 def _logit_stats_kernel(
-    x_ptr, stride_b, V, CHUNK, NS,
+    x_ptr, stride_b, V, CHUNK_TILES, NS,
     out_max, out_arg, out_lse, out_ent, out_vent, cand_v, cand_i, NC,
     part_f, part_i, part_k, part_n, buf_ptr, bmax_ptr, NB,
     BLOCK: tl.constexpr, CAP: tl.constexpr, KP: tl.constexpr,
     CMODE: tl.constexpr, G: tl.constexpr, FINAL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    """Program (row, split): vocabulary ids ``[split*CHUNK, min(V, (split+1)*CHUNK))``.
+    """Program (row, split): vocabulary ids ``[split*CHUNK, min(V, (split+1)*CHUNK))``,
+    ``CHUNK = CHUNK_TILES * BLOCK`` (passed in tiles and unspecialised, like
+    ``NS``: both change with the batch size, and the tile count keeps the
+    compiler's knowledge that a chunk starts on a tile boundary).
 
     FINAL (NS == 1): writes the row's statistics (and, with ``CMODE ==
     STREAM``, its candidates). Otherwise writes partials: ``part_f[row, split,
@@ -263,6 +268,7 @@ def _logit_stats_kernel(
     row = tl.program_id(0)
     split = tl.program_id(1)
     base = x_ptr + row.to(tl.int64) * stride_b
+    CHUNK = CHUNK_TILES * BLOCK
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, V)
     prog = row.to(tl.int64) * NS + split
@@ -404,7 +410,7 @@ def _candidates_kernel(x_ptr, stride_b, V, bmax_ptr, NB, scratch_ptr, cand_v, ca
                    cand_v + r64 * NC, cand_i + r64 * NC, NC, G, NBP, KP)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NS"])
 def _merge_kernel(
     part_f, part_i, part_k, part_n, NS, V,
     out_max, out_arg, out_lse, out_ent, out_vent, cand_v, cand_i, NC,
@@ -480,22 +486,14 @@ def _merge_kernel(
 # ----------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (a nominal 8 for CPU tensors
-    under the Triton interpreter, so that both layouts get exercised there)."""
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        return _num_sms(idx)
-    return 8
+    under the Triton interpreter, so that both layouts get exercised there);
+    ``launch.device_profile``."""
+    return launch.device_profile(device).sms
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
+_next_pow2 = launch.next_pow2
 
 
 CANDIDATE_METHODS = ("blockmax", "stream")
@@ -533,6 +531,11 @@ def _plan(B: int, V: int, num_candidates: int, itemsize: int, sms: int, cuda: bo
         ns = max(1, min(max_ns, triton.cdiv(2 * sms, max(B, 1))))
     chunk = triton.cdiv(triton.cdiv(V, ns), block) * block
     ns = triton.cdiv(V, chunk)
+    # the merge kernel's partial vector: for the statistics (and the block
+    # maxima) one fixed size, whatever NS the batch size gives, so that the
+    # merge compiles once; "stream" merges NSP * KP keys, so there it follows
+    # NS (a power of two <= MAX_SPLITS: at most log2(MAX_SPLITS) + 1 sizes)
+    nsp = _next_pow2(ns) if cmode == STREAM.value else _next_pow2(MAX_SPLITS)
     # defaults from the H100 sweep in benchmarks/RESULTS.md. "stream": 4
     # warps, and for one program per row a register double-buffered next tile.
     # Statistics alone and "blockmax" (whose streaming kernel has the register
@@ -544,10 +547,15 @@ def _plan(B: int, V: int, num_candidates: int, itemsize: int, sms: int, cuda: bo
     if prefetch is None:
         prefetch = not split and cuda and cmode == STREAM.value
     gather = KP * g
+    cand_warps = (4 if max(_next_pow2(nb), gather) <= 4096 else
+                  (8 if max(_next_pow2(nb), gather) <= 8192 else 16))
+    if cmode == STREAM.value:
+        merge_warps = 4 if nsp * KP <= 2048 else 8
+    else:  # the statistics of NSP partials (tiny), then the block-maxima selection
+        merge_warps = cand_warps if cmode == BLOCKMAX.value else 4
     return dict(NS=ns, CHUNK=chunk, BLOCK=block, CAP=cap, KP=KP, num_warps=num_warps,
                 prefetch=bool(prefetch), CMODE=cmode, G=g, NB=nb, NBP=_next_pow2(nb),
-                cand_warps=4 if max(_next_pow2(nb), gather) <= 4096 else
-                (8 if max(_next_pow2(nb), gather) <= 8192 else 16))
+                cand_warps=cand_warps, NSP=nsp, merge_warps=merge_warps)
 
 
 def plan(B: int, V: int, num_candidates: int, device: torch.device, layout: str = "auto",
@@ -557,7 +565,12 @@ def plan(B: int, V: int, num_candidates: int, device: torch.device, layout: str 
     """Launch plan for ``[B, V]`` logits of ``itemsize`` bytes: a dict with
     ``NS, CHUNK, BLOCK, CAP, KP, num_warps, prefetch`` (the streaming kernel),
     ``CMODE`` (0: no candidates, 1: ``"stream"``, 2: ``"blockmax"``), ``G``,
-    ``NB``, ``NBP`` and ``cand_warps`` (block maxima and the candidate kernel).
+    ``NB``, ``NBP`` and ``cand_warps`` (block maxima and the candidate kernel),
+    ``NSP`` and ``merge_warps`` (the merge kernel of the split layout).
+
+    The batch size enters the kernels' specialisation keys only through the
+    layout (split below the SM count, row from it on): ``NS`` and ``CHUNK``
+    are passed unspecialised, ``NSP`` is fixed but for ``"stream"``.
 
     ``layout``: ``"auto"`` (split when ``B`` is below the SM count), ``"row"``
     or ``"split"``. ``num_splits`` forces the split count (clamped to
@@ -572,9 +585,9 @@ def plan(B: int, V: int, num_candidates: int, device: torch.device, layout: str 
         raise ValueError(f"layout: expected 'auto', 'row' or 'split', got {layout!r}")
     if candidates not in CANDIDATE_METHODS:
         raise ValueError(f"candidates: expected one of {CANDIDATE_METHODS}, got {candidates!r}")
-    return dict(_plan(int(B), int(V), int(num_candidates), int(itemsize), num_sms(device),
-                      device.type == "cuda", layout, num_splits, block, num_warps, prefetch,
-                      candidates))
+    prof = launch.device_profile(device)
+    return dict(_plan(int(B), int(V), int(num_candidates), int(itemsize), prof.sms, prof.gpu,
+                      layout, num_splits, block, num_warps, prefetch, candidates))
 
 
 def fused_logit_stats(logits: torch.Tensor, num_candidates: int = K_MAX, *,
@@ -615,14 +628,16 @@ def fused_logit_stats(logits: torch.Tensor, num_candidates: int = K_MAX, *,
     NC = int(num_candidates)
     p = plan(B, V, NC, dev, layout, num_splits, block, num_warps, prefetch, candidates,
              logits.element_size())
-    # outputs: views of one float32 and one int64 allocation
-    fbuf = torch.empty(B * (4 + NC), device=dev, dtype=torch.float32)
-    ibuf = torch.empty(B * (1 + NC), device=dev, dtype=torch.int64)
-    out_max, out_lse, out_ent, out_vent = fbuf[:4 * B].view(4, B).unbind(0)
+    # outputs: views of one float32 and one int64 allocation, each starting on
+    # a 16-byte boundary whatever B is (Triton specialises on that alignment)
+    Bp = launch.aligned(B, 4)  # a multiple of 4: 16 bytes of float32 and of int64 pairs
+    fbuf = torch.empty(Bp * 4 + B * NC, device=dev, dtype=torch.float32)
+    ibuf = torch.empty(Bp + B * NC, device=dev, dtype=torch.int64)
+    out_max, out_lse, out_ent, out_vent = fbuf[:4 * Bp].view(4, Bp)[:, :B].unbind(0)
     out_arg = ibuf[:B]
     cand = NC > 0
-    cand_v = fbuf[4 * B:].view(B, NC) if cand else out_max
-    cand_i = ibuf[B:].view(B, NC) if cand else out_arg
+    cand_v = fbuf[4 * Bp:].view(B, NC) if cand else out_max
+    cand_i = ibuf[Bp:].view(B, NC) if cand else out_arg
     stats = LogitStats(out_max, out_arg, out_lse, out_ent, out_vent)
     if B == 0:
         return (stats, cand_v, cand_i) if cand else (stats, None, None)
@@ -635,7 +650,7 @@ def fused_logit_stats(logits: torch.Tensor, num_candidates: int = K_MAX, *,
                   num_warps=p["num_warps"])
     if NS == 1:
         _logit_stats_kernel[(B, 1)](
-            logits, logits.stride(0), V, p["CHUNK"], 1,
+            logits, logits.stride(0), V, p["CHUNK"] // p["BLOCK"], 1,
             out_max, out_arg, out_lse, out_ent, out_vent, cand_v, cand_i, NC,
             out_max, out_arg, out_arg, out_arg, buf, bmax, NB, FINAL=True, **consts)
         if CMODE == BLOCKMAX.value:
@@ -649,16 +664,12 @@ def fused_logit_stats(logits: torch.Tensor, num_candidates: int = K_MAX, *,
         part_k = torch.empty((B, NS, KP) if cand else (1,), **i64)
         part_n = torch.empty((B, NS) if CMODE == STREAM.value else (1,), device=dev, dtype=torch.int32)
         _logit_stats_kernel[(B, NS)](
-            logits, logits.stride(0), V, p["CHUNK"], NS,
+            logits, logits.stride(0), V, p["CHUNK"] // p["BLOCK"], NS,
             out_max, out_arg, out_lse, out_ent, out_vent, cand_v, cand_i, NC,
             part_f, part_i, part_k, part_n, buf, bmax, NB, FINAL=False, **consts)
-        NSP = _next_pow2(NS)
-        warps = 4 if NSP * KP <= 2048 else 8
-        if CMODE == BLOCKMAX.value:
-            warps = max(warps, p["cand_warps"])
         _merge_kernel[(B,)](
             part_f, part_i, part_k, part_n, NS, V,
             out_max, out_arg, out_lse, out_ent, out_vent, cand_v, cand_i, NC,
             logits, logits.stride(0), bmax, NB,
-            NSP=NSP, KP=KP, CMODE=CMODE, G=G, NBP=p["NBP"], num_warps=warps)
+            NSP=p["NSP"], KP=KP, CMODE=CMODE, G=G, NBP=p["NBP"], num_warps=p["merge_warps"])
     return (stats, cand_v, cand_i) if cand else (stats, None, None)

@@ -84,7 +84,8 @@ def _fmix(h):
     return h ^ (h >> 16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_total", "s_out_b"],
+            do_not_specialize_on_alignment=["seed_ptr", "pos_ptr"])
 def _exp_noise_kernel(out_ptr, seed_ptr, pos_ptr, n_total, num_candidates,
                       s_out_b, s_out_n,
                       DOMAIN_: tl.constexpr, STRIDE: tl.constexpr,
@@ -134,7 +135,10 @@ def seeded_exponential_noise(seeds: torch.Tensor, positions: torch.Tensor, num_d
     n_total = num_draws * num_candidates
     if B == 0 or n_total == 0:
         return out
-    BLOCK = 1024 if n_total >= 1024 else max(16, triton.next_power_of_2(n_total))
+    # The tile (up to 8 draws of K) follows the candidates only: the number of
+    # draws changes per step (and with it n_total and the row stride, passed
+    # unspecialised), K does not.
+    BLOCK = min(1024, max(16, 8 * triton.next_power_of_2(num_candidates)))
     grid = (B, triton.cdiv(n_total, BLOCK))
     _exp_noise_kernel[grid](out, seeds.contiguous(), positions.contiguous(), n_total,
                             num_candidates, out.stride(0), out.stride(1),
