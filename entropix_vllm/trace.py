@@ -144,8 +144,10 @@ class TraceWriter:
         if n == 0:
             return
         self._ensure_thread()
-        stacked = torch.stack([tensors[name].detach().reshape(-1).to(torch.float64)
-                               for name in TENSOR_FIELDS])  # [F, B], a fresh tensor
+        # [F, B] float64, a fresh tensor: one stack (type promotion into the output)
+        parts = [tensors[name].detach().reshape(-1) for name in TENSOR_FIELDS]
+        stacked = torch.stack(parts, out=torch.empty((len(parts), parts[0].shape[0]),
+                                                     dtype=torch.float64, device=first.device))
         event = None
         if stacked.is_cuda:
             if rows is not None:
@@ -249,23 +251,40 @@ class TraceWriter:
             logger.error("%s%s (further trace errors are not logged)", message, detail)
 
 
+#: One record's text with ``%s`` slots: request id (a JSON string), index, then
+#: every field of TENSOR_FIELDS (JSON texts), keys in RECORD_FIELDS order.
+_RECORD_TEMPLATE = ('{"request_id":%s,"index":%s,'
+                    + ",".join(f'"{n}":%s' for n in TENSOR_FIELDS) + "}")
+_NONFINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def _float_text(v: float) -> str:
+    """JSON text of a float as :mod:`json` writes it (shortest round trip; NaN,
+    Infinity, -Infinity)."""
+    t = repr(v)
+    return _NONFINITE.get(t, t)
+
+
+def _int_text(v: float) -> str:
+    return str(int(v)) if math.isfinite(v) else _float_text(v)
+
+
 def format_records(request_ids: Sequence[str], indices: Sequence[int],
                    columns: Sequence[Sequence[float]]) -> str:
     """JSON Lines text for one batch; ``columns[f][r]`` is field ``TENSOR_FIELDS[f]``
-    of row ``r`` (as float64 values)."""
-    lines = []
-    for r, (rid, idx) in enumerate(zip(request_ids, indices)):
-        rec = {"request_id": str(rid), "index": int(idx)}
-        for name, col in zip(TENSOR_FIELDS, columns):
-            v = col[r]
-            if name == "branch":
-                rec[name] = _branch_name(v)
-            elif name in _INT_FIELDS:
-                rec[name] = int(v) if math.isfinite(v) else v
-            else:
-                rec[name] = float(v)
-        lines.append(json.dumps(rec, separators=(",", ":")))
-    return "\n".join(lines) + "\n"
+    of row ``r`` (as float64 values). The text is what ``json.dumps`` of the
+    record (compact separators) gives, built column by column: this runs on
+    the trace thread, which holds the GIL while it formats."""
+    texts = [json.dumps(str(r)) for r in request_ids], [str(int(i)) for i in indices]
+    cols = list(texts)
+    for name, col in zip(TENSOR_FIELDS, columns):
+        if name == "branch":
+            cols.append([json.dumps(_branch_name(v)) for v in col])
+        elif name in _INT_FIELDS:
+            cols.append([_int_text(v) for v in col])
+        else:
+            cols.append([_float_text(v) for v in map(float, col)])
+    return "".join(_RECORD_TEMPLATE % row + "\n" for row in zip(*cols))
 
 
 def _branch_name(code: float) -> str:

@@ -10,6 +10,7 @@ import logging
 import math
 import multiprocessing
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -465,3 +466,38 @@ def test_report_main_in_process(cli_runs, tmp_path, capsys):
         assert report.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and needle in err, (argv, err)
+
+
+def test_format_is_what_json_writes():
+    """The column-wise formatter gives, byte for byte, ``json.dumps`` of each
+    record (the reference), for awkward ids and every kind of float."""
+    from entropix_vllm.trace import format_records
+
+    rng = random.Random(5)
+    values = [0.0, -0.0, 1e-45, 1.17e-38, 3.4e38, 0.1, 1 / 3, 5.0, 2.0 ** 60, math.nan,
+              math.inf, -math.inf, -7.25]
+    ids = ['plain', 'quo"te', 'back\\slash', 'tab\there', 'ünï©ødé', 'nl\nx', '', 'cmpl-9']
+    n = len(ids)
+    columns = []
+    for name in TENSOR_FIELDS:
+        if name == "branch":
+            columns.append([float(rng.choice([0, 1, 2, 3, 4, 7, math.nan])) for _ in range(n)])
+        elif name in ("token_id", "top_k"):
+            columns.append([float(rng.choice([0, 1, 49151, 128255, math.nan])) for _ in range(n)])
+        else:
+            columns.append([rng.choice(values) for _ in range(n)])
+    idx = [rng.randrange(0, 10 ** 6) for _ in range(n)]
+    expected = []
+    for r in range(n):
+        rec = {"request_id": ids[r], "index": idx[r]}
+        for name, col in zip(TENSOR_FIELDS, columns):
+            v = col[r]
+            if name == "branch":
+                ok = math.isfinite(v) and 0 <= v < len(BRANCH_NAMES)
+                rec[name] = BRANCH_NAMES[int(v)] if ok else f"code{v:g}"
+            elif name in ("token_id", "top_k"):
+                rec[name] = int(v) if math.isfinite(v) else v
+            else:
+                rec[name] = v
+        expected.append(json.dumps(rec, separators=(",", ":")) + "\n")
+    assert format_records(ids, idx, columns) == "".join(expected)
