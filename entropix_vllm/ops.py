@@ -386,6 +386,8 @@ def attention_workspace(max_batch: int, num_heads: int, num_kv_heads: int, devic
     ``3 * max_batch * H``). Not shared between concurrent calls.
     """
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # as tensors report it
+        device = torch.device("cuda", torch.cuda.current_device())
     be = resolve("paged_attention_stats", backend, device.type)
     if be == "triton":
         make = getattr(importlib.import_module(IMPLEMENTATIONS["paged_attention_stats"]

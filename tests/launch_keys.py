@@ -26,6 +26,8 @@ to the next is a recompilation on the GPU. This script, in its own process
 
 ``--canary`` records a toy kernel launched with per-step ints and offsets
 left specialised instead: its keys must change (the recorder sees them).
+``--cuda`` (a GPU machine) launches for real and prints how many variants
+of each kernel Triton compiled.
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ def _record(self, *args, grid, warmup, **kwargs):
     return None
 
 
-tjit.JITFunction.run = _record
+def install_recorder() -> None:
+    tjit.JITFunction.run = _record
 
 
 def take() -> list:
@@ -83,6 +86,7 @@ def canary() -> list:
     def _toy(x_ptr, n, BLOCK: tl.constexpr):
         tl.store(x_ptr + tl.arange(0, BLOCK), n)
 
+    install_recorder()
     buf = torch.empty(4096)
     records = []
     for B in BATCHES[:64]:
@@ -98,6 +102,7 @@ def main() -> list:
     from entropix_vllm.triton_kernels import attn_stats, launch
 
     assert isinstance(attn_stats._head_partials_kernel, tjit.JITFunction)
+    install_recorder()
     launch.device_profile = lambda device: launch.DeviceProfile(True, SMS)
     rng = random.Random(0)
     records = []
@@ -174,6 +179,61 @@ def main() -> list:
     return records
 
 
+def cuda_counts() -> dict:
+    """On a GPU: the public launchers run for real over B = 1..64 and 65..256
+    sparsely (one configuration per kernel, random per-step values); returns
+    how many compiled variants each kernel holds afterwards (Triton's own
+    in-memory kernel cache, this process only)."""
+    from entropix_vllm import ops, step
+    from entropix_vllm.config import EntropixConfig
+    from entropix_vllm.contract import K_MAX, AttnStats
+    from entropix_vllm.triton_kernels import (attn_stats, candidate_sampling, entropix_decide,
+                                              logit_stats, seeded_noise)
+
+    dev = torch.device("cuda")
+    rng = random.Random(0)
+    g = torch.Generator(device=dev).manual_seed(0)
+    bmax, V = max(BATCHES), 49152
+    logits = torch.randn(bmax, V, device=dev, generator=g) * 3
+    table = step.coefficient_table([EntropixConfig()] * bmax, dev)
+    cot = torch.full((bmax,), 17, dtype=torch.int64, device=dev)
+    prev = torch.zeros(bmax, dtype=torch.bool, device=dev)
+    H, HKV, D, BS, width = 9, 3, 64, 16, 64
+    nb = bmax * width
+    keys = torch.randn(nb, HKV, BS, 2 * D, device=dev, dtype=torch.bfloat16,
+                       generator=g).transpose(1, 2).split(D, -1)[0]
+    q = torch.randn(bmax, H, D, device=dev, generator=g).to(torch.bfloat16)
+    bt = torch.randperm(nb, device=dev, generator=g).view(bmax, width).to(torch.int32)
+    sl = torch.zeros(bmax, dtype=torch.int32, device=dev)
+    figures = torch.zeros(4, bmax, device=dev)
+    ws = ops.attention_workspace(bmax, H, HKV, dev)
+    for B in BATCHES:
+        for _ in range(VARIANTS):
+            N = rng.randint(1, 8)
+            sl[:B] = torch.randint(0, width * BS + 1, (B,), device=dev, generator=g)
+            st = ops.paged_attention_stats(q[:B], keys, bt[:B], sl[:B], D ** -0.5,
+                                           out=figures, workspace=ws)
+            stats, cv, ci = ops.logit_stats_and_candidates(logits[:B])
+            seeds = torch.randint(-2**62, 2**62, (B,), device=dev, generator=g)
+            pos = torch.randint(0, 2**31 - 1, (B,), device=dev, generator=g)
+            noise = ops.seeded_exponential_noise(seeds, pos, N, K_MAX)
+            ops.decide_and_sample(stats.entropy, stats.varentropy, st, table[:B], cv, ci, noise,
+                                  stats.argmax, cot[:B], prev[:B], logits[:B])
+            ones = torch.ones(B, dtype=torch.int64, device=dev)
+            ops.sample_candidates(cv, ci, torch.ones(B, device=dev), ones * 20,
+                                  torch.full((B,), 0.9, device=dev), torch.zeros(B, device=dev),
+                                  ones, noise)
+    torch.cuda.synchronize()
+    fns = [logit_stats._logit_stats_kernel, logit_stats._merge_kernel,
+           logit_stats._candidates_kernel, entropix_decide._decide_kernel,
+           candidate_sampling._sample_kernel, seeded_noise._exp_noise_kernel,
+           attn_stats._head_partials_kernel, attn_stats._agreement_kernel]
+    return {f.fn.__name__: sum(len(c[0]) for c in f.device_caches.values()) for f in fns}
+
+
 if __name__ == "__main__":
+    if "--cuda" in sys.argv:
+        json.dump({"counts": cuda_counts()}, sys.stdout)
+        sys.exit(0)
     recs = canary() if "--canary" in sys.argv else main()
     json.dump({"records": recs, "keys": _KEYS}, sys.stdout)

@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 try:  # the recorder needs Triton's CUDA backend classes (no GPU)
@@ -110,3 +111,15 @@ def test_the_recorder_sees_specialisation():
     keys = set().union(*byB.values())
     assert len(keys) >= 3, keys
     assert byB[1] != byB[2] and byB[4] != byB[5] and byB[16] != byB[17]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles and launches on a GPU")
+def test_cuda_compiles_each_kernel_within_the_bound():
+    """On the GPU, Triton's own kernel cache after real launches over the same
+    batch sizes and per-step draws (one configuration per kernel, a fresh
+    process): one compiled variant per kernel, two of the logit statistics
+    kernel when the sweep crosses the SM count."""
+    counts = _probe("--cuda")["counts"]
+    assert set(counts) == KERNELS
+    over = {k: n for k, n in counts.items() if not 1 <= n <= BOUND.get(k, 1)}
+    assert not over, counts

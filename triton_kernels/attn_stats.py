@@ -33,7 +33,7 @@ kv head is loaded as one ``[H_kv * BLOCK_N2, D]`` block and multiplied by the
 request's whole ``[H, D]`` query block (one ``tl.dot``; the entries pairing a
 query head with a kv head it does not read are masked away). With the global
 ``lse`` from pass 1 it forms ``P_hk``, the mean attention row ``Pbar_k`` and
-sums ``|P_hk - Pbar_k|``. Per-program sums go to a small ``[B, splits]``
+sums ``|P_hk - Pbar_k|``. Per-program sums go to a small ``[B * splits]``
 buffer; the last program of each request (arrival counter again) adds them up
 in a fixed order and writes ``agreement``. Pass 2 runs its programs in the
 reverse order of pass 1 so that the keys pass 1 read last (possibly still in
@@ -47,11 +47,23 @@ was built and measured: it was slower everywhere but at batch 1 (per-tile
 overheads, low occupancy), and was dropped.
 
 No host synchronisation: no ``.item()``, no Python loop over requests. The
-grid is sized from ``max_seq_len`` when the caller knows it (vLLM's attention
-metadata has it as a Python int), else from the upper bound
-``block_table.shape[1] * block_size``; programs past a request's length exit at
-once. ``max_seq_len`` must be at least ``max(seq_lens)``: keys past it (and
-past the block table's capacity) are ignored.
+grid is sized from the upper bound ``block_table.shape[1] * block_size`` (or
+from ``max_seq_len`` when a caller passes it; it must be at least
+``max(seq_lens)``: keys past it, and past the block table's capacity, are
+ignored); programs past a request's length exit at once, and the program of
+split 0 of a request with no keys writes its zero figures.
+
+CUDA graphs: every scratch buffer (both passes' partials, the per-head
+results, the two arrival counters) lives in a workspace made once for a
+maximum batch (:func:`make_workspace`, ``ops.attention_workspace``) and the
+figures go to a caller's ``[4, >= B]`` buffer (``out=``). The counters are
+zeroed when the workspace is made and the last program of each request sets
+its counter back to zero, so no memset precedes a launch. A call with both
+then allocates nothing and its launches depend only on B and the shapes: it
+can be captured and replayed. Per-step ints (split counts, keys per split,
+``max_seq_len``, the figures' strides) are passed unspecialised
+(``PASS1_PER_STEP``, ``PASS2_PER_STEP``; ``launch.py``): the kernels compile
+once per layer shape, whatever B and the lengths.
 
 Tensor parallelism: the integration (``entropix_vllm/integration/attention.py``)
 all-gathers the chosen layer's query rows and new keys over the TP group, so
@@ -572,7 +584,7 @@ def make_workspace(max_batch: int, num_heads: int, num_kv_heads: int, device,
     int32 buffer of arrival counters ``[2, max_batch]``, zeroed here once: the
     kernels leave them at zero. ``rows``: ``(rows1, rows2)``, by default
     :func:`workspace_rows` (enough for every default plan)."""
-    device = torch.device(device)
+    device = launch.tensor_device(device)
     max_batch, H = int(max_batch), int(num_heads)
     if max_batch < 0 or H < 1 or num_kv_heads < 1 or H % num_kv_heads:
         raise ValueError(f"workspace: max_batch >= 0 and num_heads a multiple of num_kv_heads "

@@ -68,6 +68,14 @@ def device_profile(device: torch.device) -> DeviceProfile:
     return DeviceProfile(False, INTERPRETER_SMS)
 
 
+def tensor_device(device) -> torch.device:
+    """``device`` as a tensor made on it reports it (``"cuda"`` -> ``cuda:<current>``)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def aligned(n: int, itemsize: int) -> int:
     """``n`` elements of ``itemsize`` bytes rounded up to whole 16-byte units
     (in elements): where the next view of an allocation may start."""

@@ -71,7 +71,13 @@ Two launch layouts:
   number of SMs so that batch 1 spreads over the whole GPU.
 
 No host synchronisation; all buffers have sizes fixed by the shape, so the
-launch can be captured in a CUDA graph.
+launch can be captured in a CUDA graph. No recompilation per step
+(``launch.py``): the batch size reaches the kernels' specialisation keys only
+through the layout (split below the SM count, row from it on: two variants of
+the streaming kernel); the split count and the chunk (in tiles) are passed
+unspecialised, the merge kernel's partial vector has one size (but for
+``"stream"``, where it follows the split count), and the outputs are views
+starting on 16-byte boundaries whatever the batch size.
 """
 
 from __future__ import annotations
