@@ -64,7 +64,10 @@ def _record(self, *args, grid, warmup, **kwargs):
         binder = _BINDERS[id(self)] = tjit.create_function_from_signature(
             self.signature, self.params, BACKEND)
     _, specialization, options = binder(*args, **kwargs)
-    key = tjit.compute_cache_key({}, specialization, options)
+    if hasattr(tjit, "compute_cache_key"):
+        key = tjit.compute_cache_key({}, specialization, options)
+    else:  # older Triton: run() formed the key inline, from the same two parts
+        key = str(specialization) + str(options)
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     _KEYS[digest] = key
     _LAUNCHES.append([self.fn.__name__, digest])
