@@ -133,6 +133,7 @@ class _Buffers:
         self.trash_slot = 0
         self.slots: Optional[torch.Tensor] = None
         self.neg: Optional[torch.Tensor] = None
+        self.workspace = None   # ops.attention_workspace, for cap rows of these heads
 
 
 class _Capture:
@@ -254,6 +255,9 @@ class _Capture:
         # kv_cache logical shape: [num_blocks, H_kv_local, block_size, 2 * D].
         num_blocks, block_size = int(kv_cache.shape[0]), int(kv_cache.shape[2])
         h_kv = h_kv_local * self.tp_size
+        if b.workspace is None:
+            from ..ops import attention_workspace
+            b.workspace = attention_workspace(b.cap, h, h_kv, device)
         if self.use_copy and (b.key_paged is None
                               or b.key_paged.shape != (num_blocks, block_size, h_kv, d)):
             slots = num_blocks * block_size
@@ -318,13 +322,8 @@ class _Capture:
         else:
             keys = kv_cache.transpose(1, 2).split(d, dim=-1)[0]
 
-        st = paged_attention_stats(b.q[:n], keys, md.block_table[:n], md.seq_lens[:n],
-                                   float(impl.scale))
-        out = b.stats[:, :n]
-        out[0].copy_(st.attn_entropy)
-        out[1].copy_(st.attn_varentropy)
-        out[2].copy_(st.agreement)
-        out[3].copy_(st.interaction_strength)
+        paged_attention_stats(b.q[:n], keys, md.block_table[:n], md.seq_lens[:n],
+                              float(impl.scale), out=b.stats, workspace=b.workspace)
         self.num_rows = n
 
     def _copy_keys(self, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
