@@ -54,7 +54,7 @@ _DOOR = "to_device"   # entropix_vllm.device.to_device
 
 @dataclass
 class Event:
-    kind: str       # "sync" or "copy"
+    kind: str       # "sync", "copy" or "alloc"
     what: str       # e.g. "item", "aten::nonzero", "to(device)"
     where: str      # file:line of the attributed frame
     ours: bool
@@ -68,22 +68,27 @@ def _is_ours(filename: str) -> bool:
         f"{os.sep}triton_kernels{os.sep}" in filename
 
 
+_INTERPRETER = os.path.join("triton", "runtime", "interpreter.py")
+
+
 def _caller() -> tuple:
-    """(file:line, ours, inside the to_device door) of the nearest frame that
-    is neither torch's nor this file's."""
+    """(file:line, ours, inside the to_device door, inside an interpreted Triton
+    kernel) of the nearest frame that is neither torch's nor this file's."""
     f = sys._getframe(2)
     site = None
-    door = False
+    door = kernel = False
     while f is not None:
         fn = os.path.abspath(f.f_code.co_filename)
         if site is None and fn != _HERE and not fn.startswith(_TORCH) and "<" not in fn[:1]:
             site = (f"{fn}:{f.f_lineno}", _is_ours(fn))
-        if f.f_code.co_name == _DOOR and _is_ours(os.path.abspath(f.f_code.co_filename)):
+        if f.f_code.co_name == _DOOR and _is_ours(fn):
             door = True
+        if fn.endswith(_INTERPRETER):
+            kernel = True   # the Triton interpreter running a kernel: no host code of ours
         f = f.f_back
     if site is None:
-        return "?", False, door
-    return site[0], site[1], door
+        return "?", False, door, kernel
+    return site[0], site[1], door, kernel
 
 
 def _storages(ts: Iterable[torch.Tensor]) -> set:
@@ -141,6 +146,9 @@ class _Ops(TorchDispatchMode):
         name = func.overloadpacket.__name__
         a = self.audit
         a.ops += 1
+        if a.allocations and any("Tensor" in str(r.type) and r.alias_info is None
+                                 for r in func._schema.returns):
+            a._record("alloc", f"aten::{name}")
         if name in SYNC_OPS:
             t = next((x for x in args if isinstance(x, torch.Tensor)), None)
             if t is None or not a._is_host(t):
@@ -158,6 +166,8 @@ class SyncAudit:
     over several regions accumulates)."""
 
     host_tensors: List[torch.Tensor] = field(default_factory=list)
+    #: also record every aten op that returns a fresh tensor (kind "alloc")
+    allocations: bool = False
     events: List[Event] = field(default_factory=list)
     door_copies: int = 0
     ops: int = 0
@@ -174,11 +184,16 @@ class SyncAudit:
             return False
 
     def _record(self, kind: str, what: str) -> None:
-        where, ours, door = _caller()
+        where, ours, door, kernel = _caller()
+        if kernel:
+            return
         if door and kind == "copy":
             self.door_copies += 1
             return
         self.events.append(Event(kind, what, where, ours))
+
+    def ours_of(self, kind: str) -> List[Event]:
+        return [e for e in self.events if e.ours and e.kind == kind]
 
     def ours(self) -> List[Event]:
         return [e for e in self.events if e.ours]

@@ -157,6 +157,7 @@ class _Capture:
         self.backend: Optional[str] = None
         self.use_copy = True
         self.buf: Optional[_Buffers] = None
+        self.ops_backend = "auto"   # the figures' backend (tests: "triton" on CPU)
         # Rows of the last eager forward pass of the chosen layer (None: no figures yet).
         self.num_rows: Optional[int] = None
 
@@ -257,7 +258,7 @@ class _Capture:
         h_kv = h_kv_local * self.tp_size
         if b.workspace is None:
             from ..ops import attention_workspace
-            b.workspace = attention_workspace(b.cap, h, h_kv, device)
+            b.workspace = attention_workspace(b.cap, h, h_kv, device, backend=self.ops_backend)
         if self.use_copy and (b.key_paged is None
                               or b.key_paged.shape != (num_blocks, block_size, h_kv, d)):
             slots = num_blocks * block_size
@@ -279,8 +280,6 @@ class _Capture:
         if md is None:  # profiling / warm-up run without metadata: no figures
             self.num_rows = None
             return
-        from ..ops import paged_attention_stats
-
         qsl = md.query_start_loc
         n = int(qsl.shape[0]) - 1  # a shape, not a host sync
         if n <= 0 or kv_cache is None or kv_cache.dim() != 4 or kv_cache.numel() == 0:
@@ -302,29 +301,40 @@ class _Capture:
             self.num_rows = None
             return
 
+        if self.use_copy and key is None:
+            raise AttentionCaptureError(
+                f"Entropix: layer {self.layer_name} received no keys; not supported")
+        slots = self._slot_mapping(md) if self.use_copy else None
+        self.compute(n, query, key, kv_cache, md.query_start_loc, md.block_table, md.seq_lens,
+                     slots, float(impl.scale))
+        self.num_rows = n
+
+    def compute(self, n: int, query, key, kv_cache, query_start_loc, block_table, seq_lens,
+                slot_mapping, scale: float) -> None:
+        """The tensor work of one step, what a CUDA graph records: reads the
+        step's tensors, writes only the persistent buffers, changes no Python
+        state (:meth:`on_forward` does the bookkeeping around it)."""
+        from ..ops import paged_attention_stats
+
+        b = self.buf
+        d = b.q.shape[2]
         # Each request's last query row (clamped so that padded requests of
         # zero length read a valid row; their seq_len 0 gives zero figures).
         rows = b.rows[:n]
-        torch.sub(qsl[1:n + 1], 1, out=rows)
+        torch.sub(query_start_loc[1:n + 1], 1, out=rows)
         rows.clamp_(min=0)
         if self.tp_size > 1:
             q = vllm_api.tp_all_gather(query.index_select(0, rows).contiguous(), dim=1)
             b.q[:n].copy_(q)
         else:
             torch.index_select(query, 0, rows, out=b.q[:n])
-
         if self.use_copy:
-            if key is None:
-                raise AttentionCaptureError(
-                    f"Entropix: layer {self.layer_name} received no keys; not supported")
-            self._copy_keys(key, self._slot_mapping(md))
+            self._copy_keys(key, slot_mapping)
             keys = b.key_paged
         else:
             keys = kv_cache.transpose(1, 2).split(d, dim=-1)[0]
-
-        paged_attention_stats(b.q[:n], keys, md.block_table[:n], md.seq_lens[:n],
-                              float(impl.scale), out=b.stats, workspace=b.workspace)
-        self.num_rows = n
+        paged_attention_stats(b.q[:n], keys, block_table[:n], seq_lens[:n], scale,
+                              backend=self.ops_backend, out=b.stats, workspace=b.workspace)
 
     def _copy_keys(self, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """The step's new keys into the plugin's copy, at vLLM's slot mapping
