@@ -61,9 +61,9 @@ CPU_ENV = {"VLLM_USE_AOT_COMPILE": "0", "VLLM_CPU_KVCACHE_SPACE": None}
 MODES = {
     # budget: default seconds for this script; start_box: engines must be ready by then;
     # tests_box: pytest; bench_reserve: kept for phase C while coverage jobs run
-    "full": dict(budget=520, start_box=240, tests_box=150, bench_reserve=110, gen_est=12.0,
+    "full": dict(budget=520, start_box=240, tests_box=120, bench_reserve=110, gen_est=12.0,
                  gen_timeout=150, tokens=64, conc=(1, 64, 256)),
-    "quick": dict(budget=225, start_box=150, tests_box=75, bench_reserve=0, gen_est=10.0,
+    "quick": dict(budget=225, start_box=150, tests_box=60, bench_reserve=0, gen_est=10.0,
                   gen_timeout=100, tokens=48, conc=(1, 64)),
     "cpu": dict(budget=900, start_box=480, tests_box=150, bench_reserve=60, gen_est=20.0,
                 gen_timeout=300, tokens=8, conc=(1, 4)),
@@ -191,7 +191,7 @@ def make_plan(mode: str, kit: str, work: str):
         if e in have:
             jobs.append({"kind": kind, "engine": e, "prio": prio, **kw})
 
-    pcfg = dict(conc=cmid, steps=4 if cpu else 16, warm=2 if cpu else 4)
+    pcfg = dict(conc=cmid, steps=4 if cpu else (16 if full else 8), warm=2 if cpu else 4)
     scfg = dict(conc=cmid, steps=3 if cpu else 8, warm=1 if cpu else 4)
     # round 1: one figure of each acceptance line
     pair("lent", cmid, 0)
@@ -206,6 +206,8 @@ def make_plan(mode: str, kit: str, work: str):
         cmd("profile", "prof", mode=m, **pcfg)
     for m in ("entropix", "stock"):
         cmd("syncdebug", "prof", mode=m, **scfg)
+    # Triton compiles while the batch shrinks (kernel names tell Entropix's from vLLM's)
+    cmd("ramp", "prof", prio="accept" if full else "cover", mode="entropix", conc=cmid)
     # round 2: the second run of each (the other order)
     pair("lent", cmid, 1)
     pair("lent", chigh, 1)
@@ -219,9 +221,7 @@ def make_plan(mode: str, kit: str, work: str):
         pair("ent", c1, 0)
         pair("ent", c1, 1)
     # round 3: coverage
-    if not cpu:
-        cmd("ramp", "prof", prio="cover", mode="stock", conc=cmid)
-    cmd("ramp", "prof", prio="cover", mode="entropix", conc=cmid)
+    cmd("ramp", "prof", prio="cover", mode="stock", conc=cmid)
     cross("plain", "off", cmid, 2, prio="cover")
     if not cpu:
         pair("ent", c1, 0, prio="cover")
@@ -239,6 +239,25 @@ def make_plan(mode: str, kit: str, work: str):
     pair("g2", c1, 1, prio="cover")
     pair("lg1", c1, 1, prio="cover")
     return engines, jobs
+
+
+def plan_text(mode, kit, work) -> str:
+    engines, jobs = make_plan(mode, kit, work)
+    cfg = MODES[mode]
+    L = [f"mode {mode}: budget {cfg['budget']} s for check.py, engines ready within {cfg['start_box']} s, "
+         f"kernel tests boxed at {cfg['tests_box']} s, {cfg['bench_reserve']} s kept for the benchmarks",
+         f"{len(engines)} engines (started together):"]
+    for e in engines:
+        sp = e["spec"]
+        L.append(f"  {e['id']:6s} {e['title']}; {e['model_label']}; warm-up at {[w['conc'] for w in sp['warm']]}; "
+                 f"{ {k: v for k, v in e['env'].items() if k in ('VLLM_USE_V2_MODEL_RUNNER', 'VLLM_PLUGINS', 'VLLM_ENABLE_V1_MULTIPROCESSING')} }"
+                 + (f"; KV {sp['mem']['kv_bytes'] / GIB:g} GiB" if sp.get("mem") else ""))
+    L.append(f"{len(jobs)} jobs, in this order (accept: may use the benchmarks' time; cover: may not):")
+    for j in jobs:
+        who = j.get("engine") or "/".join(j["engines"])
+        L.append(f"  {j['prio']:6s} {j['kind']:9s} {who:10s} conc {j.get('conc')}"
+                 + (f" x {j['tokens']} tokens, rep {j['rep']}" if "tokens" in j else f", {j.get('mode')}"))
+    return "\n".join(L)
 
 
 # ===========================================================================
@@ -345,17 +364,13 @@ class Engine:
         except subprocess.TimeoutExpired:
             pass
 
-    def stop(self):
+    def send_quit(self):
         if self.state == "ready":
             try:
                 self.proc.stdin.write(json.dumps({"op": "quit", "id": -1}) + "\n")
                 self.proc.stdin.flush()
-                self.proc.wait(timeout=8)
-            except Exception:  # noqa: BLE001 (killed below anyway)
+            except Exception:  # noqa: BLE001 (killed afterwards anyway)
                 pass
-        self.kill()
-        if self.state == "ready":
-            self.state = "stopped"
 
     def log_excerpt(self, n_key=20, n_tail=12) -> dict:
         try:
@@ -657,8 +672,8 @@ class Check:
             out.append(f"asked for MRV1, runs {runner}")
         if e.entropix and "entropix" not in sampler:
             out.append(f"Entropix engine without the Entropix sampler ({sampler})")
-        if not e.entropix and "entropix" in sampler:
-            out.append(f"the Entropix sampler in an engine without it ({sampler})")
+        if not e.plugin and "entropix" in sampler:
+            out.append(f"the Entropix sampler in an engine without the plugin ({sampler})")
         if e.plugin != bool(eng.get("plugin_loaded")):
             out.append(f"plugin loaded in the worker: {eng.get('plugin_loaded')} (expected {e.plugin})")
         return out
@@ -728,8 +743,7 @@ class Check:
                 self.commands.append(r)
                 say(f"  {e.id} {job['kind']} {job.get('mode')}: " + ("ok" if r.get("ok") else f"FAILED {r.get('error')}")
                     + (f", {r.get('wall_s')} s" if r.get("wall_s") else ""))
-            if j % 4 == 3:
-                self.write()
+            self.write()  # after every job: a kill keeps what was measured
         skipped = [jb for jb in self.jobs if jb.get("skipped")]
         if skipped:
             say(f"{len(skipped)} jobs skipped for the budget: "
@@ -903,9 +917,25 @@ class Check:
                                   "1,64,256", "--contexts", "512,4096"], 90, 40),
         ]
 
-    def phase_c(self):
+    def stop_engines(self):
+        """Quit every idle worker, give them a few seconds together, then kill every process
+        group (vLLM's engine-core processes included)."""
         for e in self.engines:
-            e.stop()
+            e.send_quit()
+        end = time.monotonic() + 8
+        for e in self.engines:
+            if e.proc is not None:
+                try:
+                    e.proc.wait(timeout=max(0.1, end - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+        for e in self.engines:
+            e.kill()
+            if e.state == "ready":
+                e.state = "stopped"
+
+    def phase_c(self):
+        self.stop_engines()
         say(f"phase C: engines stopped; benchmarks (budget left {self.left():.0f} s)")
         md = os.path.join(self.out, "bench.md")
         env = dict(os.environ)
@@ -1170,7 +1200,11 @@ def main(argv=None) -> int:
     ap.add_argument("--setup", default=None, help="the setup's verdict line, for the summary")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--command", default=" ".join(sys.argv))
+    ap.add_argument("--plan", action="store_true", help="print the engines and jobs of --mode and exit")
     a = ap.parse_args(argv)
+    if a.plan:
+        print(plan_text(a.mode, a.kit, a.work or "/tmp/gpucheck_work"))
+        return 0
     os.makedirs(a.out, exist_ok=True)
     a.work = a.work or os.environ.get("GPUCHECK_WORK") or "/tmp/gpucheck_work"
     os.makedirs(a.work, exist_ok=True)

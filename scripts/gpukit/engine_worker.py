@@ -188,10 +188,8 @@ class Worker:
     def gen(self, conc: int, tokens: int, mode: str) -> dict:
         prompts = make_prompts(self.spec, conc)
         sp = sampling_params(self.spec, tokens, mode)
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
+        # (no torch.cuda.synchronize() here: with the engine core in another process this
+        # process has no CUDA context, and generate() returns once every token has arrived)
         t = time.perf_counter()
         outs = self.llm.generate(prompts, sp, use_tqdm=False)
         dt = time.perf_counter() - t
