@@ -207,7 +207,8 @@ def make_plan(mode: str, kit: str, work: str):
     for m in ("entropix", "stock"):
         cmd("syncdebug", "prof", mode=m, **scfg)
     # Triton compiles while the batch shrinks (kernel names tell Entropix's from vLLM's)
-    cmd("ramp", "prof", prio="accept" if full else "cover", mode="entropix", conc=cmid)
+    if mode != "quick":
+        cmd("ramp", "prof", mode="entropix", conc=cmid)
     # round 2: the second run of each (the other order)
     pair("lent", cmid, 1)
     pair("lent", chigh, 1)
@@ -221,6 +222,8 @@ def make_plan(mode: str, kit: str, work: str):
         pair("ent", c1, 0)
         pair("ent", c1, 1)
     # round 3: coverage
+    if mode == "quick":
+        cmd("ramp", "prof", prio="cover", mode="entropix", conc=cmid)
     cmd("ramp", "prof", prio="cover", mode="stock", conc=cmid)
     cross("plain", "off", cmid, 2, prio="cover")
     if not cpu:
