@@ -213,6 +213,12 @@ def test_worker_failure_is_reported_with_vllms_root_cause(tmp_path):
         f.write("(EngineCore pid=1) ERROR boom\n(EngineCore pid=1) ValueError: No available memory for the cache blocks\n"
                 "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n")
     assert e.root_cause() == "ValueError: No available memory for the cache blocks"
+    with open(e.log_path, "w") as f:
+        f.write("(Worker pid=19517) ERROR 12-04 17:05:05 [multiproc_executor.py:953] Traceback (most recent call last):\n"
+                "(Worker pid=19517) ERROR 12-04 17:05:05 [multiproc_executor.py:953] ImportError: cannot import name 'x'\n"
+                "(EngineCore pid=19394) ERROR 12-04 17:05:07 [core.py:1510] Exception: WorkerProc initialization failed "
+                "due to an exception in a background process. See stack trace for root cause.\n")
+    assert e.root_cause() == "ImportError: cannot import name 'x'"
 
 
 # ---------------------------------------------------------------------------

@@ -386,20 +386,24 @@ class Engine:
         key = [ln for ln in lines if keyre.search(ln)]
         return {"key": [ln[:400] for ln in key[-n_key:]], "tail": [ln[:400] for ln in lines[-n_tail:]]}
 
+    GENERIC = ("see root cause above", "Engine core initialization failed",
+               "WorkerProc initialization failed", "See stack trace for root cause")
+
     def root_cause(self) -> str | None:
-        """The last error line of vLLM's traceback in the engine log (the engine core's
-        exception, which the front end reports only as 'see root cause above')."""
+        """The first specific error line of the last traceback(s) in the engine log: the
+        worker's or engine core's exception, which the front end reports only as 'see root
+        cause above'. vLLM prefixes such lines with '(Worker pid=N) ERROR date [file:line]'."""
         try:
             with open(self.log_path, errors="replace") as f:
-                lines = f.read().splitlines()
+                lines = f.read().splitlines()[-400:]
         except OSError:
             return None
-        pat = re.compile(r"^\s*(\(\w+ pid=\d+\)\s*)?([A-Za-z_.]*(Error|Exception)): (.+)$")
-        cands = [m for m in (pat.match(ln) for ln in lines) if m]
-        for m in reversed(cands):
-            text = f"{m.group(2)}: {m.group(4)}"
-            if "see root cause above" not in text and "Engine core initialization failed" not in text:
-                return text[:600]
+        pat = re.compile(r"^\s*(\([\w:-]+ pid=\d+\)\s*)?(ERROR [\d-]+ [\d:.]+ \[[^\]]*\]\s*)?"
+                         r"([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)): (.+)$")
+        for ln in lines:
+            m = pat.match(ln)
+            if m and not any(g in m.group(5) for g in self.GENERIC):
+                return f"{m.group(3)}: {m.group(5)}"[:600]
         return None
 
 
