@@ -138,7 +138,8 @@ def make_plan(mode: str, kit: str, work: str):
         modes = ["entropix", "stock"] if entropix else ["plain"]
         spec["warm"] = [{"conc": c, "tokens": wtok, "modes": modes} for c in concs]
         env = dict(ENGINE_ENV, **(CPU_ENV if cpu else {}))
-        env["VLLM_USE_V2_MODEL_RUNNER"] = "1" if runner == "v2" else "0"
+        # runner "default": VLLM_USE_V2_MODEL_RUNNER unset, vLLM's (and the plugin's) choice
+        env["VLLM_USE_V2_MODEL_RUNNER"] = {"v2": "1", "v1": "0"}.get(runner)
         env["VLLM_PLUGINS"] = "entropix" if plugin else ""
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if inproc else "1"
         env["VLLM_PORT"] = str(41000 + 150 * len(engines))
@@ -172,6 +173,9 @@ def make_plan(mode: str, kit: str, work: str):
                 concs=(c1, cmid))
             eng("lg1", "Entropix, MRV1, full CUDA graphs", "llama", entropix=True, graphs=True,
                 concs=(c1, cmid))
+    if full:
+        eng("entd", "Entropix, runner left to vLLM and the plugin (VLLM_USE_V2_MODEL_RUNNER unset), eager",
+            "smol", entropix=True, runner="default", concs=(cmid,))
     eng("prof", "Entropix, MRV1, eager, engine core in-process, trace on", "smol", entropix=True,
         inproc=True, trace=True, concs=(cmid,), private_triton=not cpu)
     have = {e["id"] for e in engines}
@@ -238,6 +242,7 @@ def make_plan(mode: str, kit: str, work: str):
     pair("g2", cmid, 0, prio="cover")
     pair("lg1", cmid, 0, prio="cover")
     pair("lent", c1, 0, prio="cover")
+    pair("entd", cmid, 0, prio="cover")
     pair("ent", c1, 1, prio="cover")
     pair("g2", c1, 1, prio="cover")
     pair("lg1", c1, 1, prio="cover")
@@ -686,13 +691,23 @@ class Check:
         return out
 
     # -- phase B -------------------------------------------------------------
-    def est(self, eng_id, conc, mode) -> float:
+    def est(self, eng_id, conc, mode, tokens=None) -> float:
+        """Seconds one timed call should take: the slowest earlier run of it, else its
+        warm-up (a few tokens) scaled to the call's tokens, else the mode's default."""
         xs = [m["seconds"] for m in self.measurements
               if m["engine"] == eng_id and m["conc"] == conc and m["mode"] == mode and m.get("ok")]
-        return max(xs) if xs else self.cfg["gen_est"]
+        if xs:
+            return max(xs)
+        e = self.by_id(eng_id)
+        for w in ((e.info or {}).get("warm") or []) if e else []:
+            if w["conc"] == conc and w["mode"] == mode and w.get("seconds"):
+                return 2.0 + w["seconds"] * (tokens or self.cfg["tokens"]) / max(1, w["tokens"])
+        return self.cfg["gen_est"]
 
     def gen(self, e: Engine, conc, tokens, mode, job, rep):
-        timeout = min(self.cfg["gen_timeout"], max(10.0, self.left() - 15))
+        # a hang costs at most a few times the expected time (never past the budget)
+        timeout = min(self.cfg["gen_timeout"], 30 + 4 * self.est(e.id, conc, mode, tokens),
+                      max(10.0, self.left() - 15))
         r = e.ask({"op": "gen", "conc": conc, "tokens": tokens, "mode": mode}, timeout)
         m = {"engine": e.id, "conc": conc, "tokens_per_request": tokens, "mode": mode, "rep": rep,
              "job": job, "ok": bool(r.get("ok")) and r.get("complete", False)}
@@ -720,9 +735,9 @@ class Check:
                 continue  # the engine's own verdict says why
             if job["kind"] == "pair":
                 modes = ["entropix", "stock"] if job["rep"] % 2 == 0 else ["stock", "entropix"]
-                need = sum(self.est(ids[0], job["conc"], m) for m in modes)
+                need = sum(self.est(ids[0], job["conc"], m, job["tokens"]) for m in modes)
             elif job["kind"] == "cross":
-                need = sum(self.est(i, job["conc"], m) for i, m in zip(ids, job["modes"]))
+                need = sum(self.est(i, job["conc"], m, job["tokens"]) for i, m in zip(ids, job["modes"]))
             else:
                 need = {"profile": 45.0, "syncdebug": 15.0, "ramp": 60.0}[job["kind"]] * (0.5 if self.cpu else 1)
             keep = reserve_end + (self.cfg["bench_reserve"] if job["prio"] == "cover" else 0)
@@ -984,7 +999,8 @@ class Check:
         for e in self.engines:
             eng[e.id] = {"title": e.title, "model": e.model_label, "plugin": e.plugin, "entropix": e.entropix,
                          "runner_asked": e.runner, "graphs_asked": e.graphs, "inproc": e.inproc,
-                         "env": {k: v for k, v in e.env.items() if k.startswith("VLLM_") or k == "TRITON_CACHE_DIR"},
+                         "env": {k: v for k, v in e.env.items() if (k.startswith("VLLM_") or k == "TRITON_CACHE_DIR")
+                                 and v is not None},
                          "state": e.state, "error": e.error, "phase": e.phase, "info": e.info,
                          "start_s": round((e.t_ready or time.monotonic()) - e.t_start, 1) if e.t_start else None}
         return {"meta": dict(self.meta, elapsed_s=round(el(), 1)), "stages": self.stages, "figures": self.figures,
@@ -1064,13 +1080,15 @@ class Check:
                 ab = f"{f.get('a')} / {f.get('b')}" if f.get("a") else ""
                 L.append(f"| {f['figure']} | {f['value']} | {f['target']} | {f['verdict']} | {ab} | {md_cell(f.get('note') or '')} |")
         if self.engines:
-            L += ["", "## Engines", "", "| id | engine | model | runner (asked) | sampler | cudagraph mode (asked) | up + warm s | state |",
+            L += ["", "## Engines", "", "| id | engine | model | runner (asked) | sampler | cudagraph mode in the worker (asked) | up + warm s | state |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
             for e in self.engines:
                 eng = (e.info or {}).get("engine") or {}
                 asked = "FULL_DECODE_ONLY" if e.graphs else "NONE"
+                fe = (e.info or {}).get("front_end_cudagraph_mode")
                 L.append(f"| {e.id} | {e.title} | {e.model} | {short(eng.get('runner'))} ({e.runner.upper().replace('V', 'MRV')}) | "
-                         f"{short(eng.get('sampler'))} | {eng.get('cudagraph_mode', '-')} ({asked}) | "
+                         f"{short(eng.get('sampler'))} | {eng.get('cudagraph_mode', '-')}"
+                         f"{'' if fe in (None, eng.get('cudagraph_mode')) else f' (front end {fe})'} ({asked}) | "
                          f"{(e.info or {}).get('engine_up_s', '-')} + {(e.info or {}).get('warm_s', '-')} | "
                          f"{e.state}{': ' + md_cell(str(e.error)[:160]) if e.error else ''} |")
         rows = self.throughput_rows()
