@@ -43,8 +43,9 @@
 #
 # Back in $OUT (8 files): summary.md (verdicts, the acceptance figures of issue 19, tables),
 # results.json (everything), check.log (all output), setup.log, tests.log, bench.md,
-# profile.txt, engines.log (each engine's key log lines and tail). The end of the output
-# repeats summary.md. Exit code 1 if a stage failed.
+# profile.txt, engines.log (each engine's key log lines and tail). The output itself (what
+# the device tool returns) ends with a brief: one line per stage verdict and acceptance
+# figure, the throughput rows, the sync counts. Exit code 1 if a stage failed.
 #
 # Environment: GPU_CHECK_BUDGET_S (default 540; 230 with --quick; 900 for the rehearsal),
 # GPU_CHECK_COMMIT (recorded: the device copy has no .git), PYTHON (default python3),
@@ -126,8 +127,9 @@ ARGS=(--mode "$MODE" --budget "$LEFT" --out "$OUT" --kit "$ROOT/.gpukit" --pytho
 [ -n "$STAGES" ] && ARGS+=(--stages "$STAGES")
 # check.py ends itself within --budget; the timeout only guards against a hang (SIGTERM: it
 # writes the summary and exits 124)
-timeout -k 10 $(( LEFT + 20 )) "$PY" -u scripts/gpukit/check.py "${ARGS[@]}" "${EXTRA[@]}" >/dev/null
+# writes the brief (one line per verdict and figure) to stdout at the end; progress: check.log
+timeout -k 10 $(( LEFT + 20 )) "$PY" -u scripts/gpukit/check.py --quiet "${ARGS[@]}" "${EXTRA[@]}"
 rc=$?
-cat "$OUT/summary.md" 2>/dev/null || echo "(no summary.md)"
+[ -f "$OUT/summary.md" ] || echo "(no summary.md: see check.log)"
 echo "[gpu_check] exit $rc after $(el) s; files in \$OUT: $(ls "$OUT" | tr '\n' ' ')"
 exit $rc

@@ -79,9 +79,13 @@ def el() -> float:
     return time.monotonic() - T0
 
 
+QUIET = False
+
+
 def say(msg: str) -> None:
     line = f"[check {el():6.1f}s] {msg}"
-    print(line, flush=True)
+    if not QUIET:
+        print(line, flush=True)
     if LOG:
         LOG.write(line + "\n")
         LOG.flush()
@@ -658,7 +662,7 @@ class Check:
             eng = info.get("engine", {})
             gm = eng.get("cudagraph_mode", info.get("front_end_cudagraph_mode"))
             problems = self.engine_problems(e)
-            detail = (f"{e.model_label}; {e.title}; up {info.get('engine_up_s')} s + warm-up {info.get('warm_s')} s; "
+            detail = (f"{e.model}: {e.title}; up {info.get('engine_up_s')} s + warm-up {info.get('warm_s')} s; "
                       f"runner {short(eng.get('runner'))}, sampler {short(eng.get('sampler'))}, cudagraph_mode {gm}")
             if problems:
                 self.verdict(name, "FAIL", detail + "; " + "; ".join(problems), secs)
@@ -759,7 +763,9 @@ class Check:
                     self.gen(e, job["conc"], job["tokens"], m, j, job["rep"])
             else:
                 e = engs[0]
-                timeout = min({"profile": 240, "syncdebug": 120, "ramp": 240}[job["kind"]], self.left() - 15)
+                box = ({"profile": 240, "syncdebug": 240, "ramp": 240} if self.cpu else
+                       {"profile": 150, "syncdebug": 90, "ramp": 180})[job["kind"]]
+                timeout = min(box, self.left() - 15)
                 cmd = {k: v for k, v in job.items() if k not in ("kind", "engine", "prio", "ran")}
                 r = e.ask(dict(cmd, op=job["kind"]), timeout)
                 r["kind"] = job["kind"]
@@ -1187,11 +1193,47 @@ class Check:
                          f"{c.get('seconds')} s: {c.get('by_kernel')}")
         return L
 
+    def brief(self) -> str:
+        """The end of the call's output (the device tool returns its last 12,000 characters):
+        one line per stage verdict and per acceptance figure; summary.md has the rest."""
+        p = self.meta.get("platform", {})
+        L = [f"== device check ({self.mode}): {p.get('device') or 'cpu'}, torch {p.get('torch')}, triton "
+             f"{p.get('triton')}, vllm {p.get('vllm')}; commit {self.meta.get('commit')}; {el():.0f} s of {self.budget:.0f}",
+             "== verdicts"]
+        if self.meta.get("setup"):
+            L.append(f"setup: {self.meta['setup'][:200]}")
+        for k, v in self.stages.items():
+            sec = "" if v["seconds"] is None else f" [{v['seconds']:.0f} s]"
+            L.append(f"{k}: {v['verdict']}{sec} {v['detail'][:220]}")
+        if self.figures:
+            L.append("== acceptance (issue 19)")
+            for f in self.figures:
+                ab = f" ({f.get('a')} / {f.get('b')} tok/s)" if f.get("a") else ""
+                L.append(f"{f['verdict']:7s} {f['value']} (target {f['target']}){ab}: {f['figure']}"
+                         + (f" - {f['note'][:200]}" if f.get("note") else ""))
+        rows = self.throughput_rows()
+        if rows:
+            L.append("== throughput: | engine | conc | tokens/req | Entropix | stock rows | ratio | runs | top-token share E/S |")
+            L += rows
+        L += self.cross_rows()
+        for c in self.commands:
+            if c.get("ok") and c["kind"] == "profile":
+                L.append(f"profile {c.get('mode')}: {c.get('mean_ms_unprofiled')} ms/step; per step "
+                         f"{ {k: v for k, v in (c.get('sync_per_step_mean') or {}).items() if v} }")
+            elif c.get("ok") and c["kind"] == "syncdebug":
+                L.append(f"syncdebug {c.get('mode')}: {c.get('mean_per_step')} warnings/step at "
+                         + ", ".join(f"{w['at']} x{w['per_step']}" for w in c.get("where", [])[:4]))
+            elif c.get("ok") and c["kind"] == "ramp":
+                L.append(f"ramp {c.get('mode')}: {c.get('compiles')} Triton compiles {c.get('by_kernel')}"[:400])
+        L.append(f"== files in {self.out}: summary.md results.json check.log setup.log tests.log bench.md "
+                 "profile.txt engines.log")
+        return "\n".join(L)
+
     def print_summary(self):
         text = self.summary_md()
-        print("\n" + "=" * 30 + " summary.md " + "=" * 30 + "\n" + text, flush=True)
         if LOG:
             LOG.write(text + "\n")
+        print(self.brief(), flush=True)
 
 
 def clean_error(msg):
@@ -1228,7 +1270,10 @@ def main(argv=None) -> int:
     ap.add_argument("--commit", default=None)
     ap.add_argument("--command", default=" ".join(sys.argv))
     ap.add_argument("--plan", action="store_true", help="print the engines and jobs of --mode and exit")
+    ap.add_argument("--quiet", action="store_true", help="progress to check.log only; stdout: the brief at the end")
     a = ap.parse_args(argv)
+    global QUIET
+    QUIET = a.quiet
     if a.plan:
         print(plan_text(a.mode, a.kit, a.work or "/tmp/gpucheck_work"))
         return 0
