@@ -13,7 +13,7 @@ engine). Wrappers time, per decode step (steps with as many rows as requests):
 
 * ``sample``: the whole ``EntropixSamplerV1.sample`` call (stock rows: vLLM's
   ``Sampler.sample``, which it calls);
-* its parts: ``batch`` (row settings), ``noise``, ``prev_is_cot``,
+* its parts: ``batch`` (the rows' slots and settings), ``noise``, ``prev_is_cot``,
   ``attn lookup`` (the sampler's read of the captured figures), ``step``
   (``entropix_step``: the kernels; on CPU their compute), ``trace`` (the hand-off
   to the trace writer thread, with ``--trace``);
@@ -121,8 +121,8 @@ def main(argv=None):
     t = Timers()
     restore: list = []
     t.wrap(Cls, "sample", "sample", restore)
-    t.wrap(sampler.runtime, "batch", "batch", restore)
-    t.wrap(mrv1, "batch_noise", "noise", restore)
+    t.wrap(sampler.slots, "update", "batch", restore)
+    t.wrap(sampler.rows, "noise", "noise", restore)
     t.wrap(Cls, "_prev_is_cot", "prev_is_cot", restore)
     t.wrap(attention, "attention_stats_for_sampler", "attn lookup", restore)
     t.wrap(mrv1.entropix_step_mod, "entropix_step", "step", restore)

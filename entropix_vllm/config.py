@@ -48,6 +48,8 @@ from typing import Any, Mapping, Optional, Union
 from .contract import K_MAX
 from .model_id import ModelIdentity, ModelIdError, ModelSource, RecordError, identify, parse_record
 
+#: The engine's ``sampler`` values (``--sampler``): vLLM's own, or Entropix.
+SAMPLERS = ("default", "entropix")
 REQUEST_PREFIX = "entropix_"
 REQUEST_SWITCH = "entropix"
 REQUEST_PRESET = REQUEST_PREFIX + "preset"
@@ -673,7 +675,7 @@ class EngineConfig:
         """
         ac = dict(additional_config or {})
         sampler = ac.get("sampler", "default")
-        if sampler not in ("default", "entropix"):
+        if sampler not in SAMPLERS:
             raise EntropixConfigError(
                 "additional_config.sampler", f"expected 'default' or 'entropix', got {show(sampler)}")
         for key in ac:

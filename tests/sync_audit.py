@@ -16,7 +16,8 @@ on a GPU too) and whatever ``torch.from_numpy`` / ``torch.tensor`` /
 ``torch.as_tensor`` make without a ``device``. Reading them is no sync;
 copying them to a device is a copy. A device tensor moved to its own device
 is no copy. Not counted: copies made inside
-the project's one host-to-device door, :func:`entropix_vllm.device.to_device`
+the project's host-to-device door, ``entropix_vllm.device`` (``to_device``,
+``copy_to_device``)
 (pinned staging and a non-blocking copy on CUDA), which are counted apart.
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional
 
@@ -49,7 +51,7 @@ SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_uniqu
 
 _HERE = os.path.abspath(__file__)
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__))
-_DOOR = "to_device"   # entropix_vllm.device.to_device
+_DOORS = ("to_device", "copy_to_device")   # entropix_vllm.device
 
 
 @dataclass
@@ -81,7 +83,7 @@ def _caller() -> tuple:
         fn = os.path.abspath(f.f_code.co_filename)
         if site is None and fn != _HERE and not fn.startswith(_TORCH) and "<" not in fn[:1]:
             site = (f"{fn}:{f.f_lineno}", _is_ours(fn))
-        if f.f_code.co_name == _DOOR and _is_ours(fn):
+        if f.f_code.co_name in _DOORS and _is_ours(fn):
             door = True
         if fn.endswith(_INTERPRETER):
             kernel = True   # the Triton interpreter running a kernel: no host code of ours
@@ -91,8 +93,14 @@ def _caller() -> tuple:
     return site[0], site[1], door, kernel
 
 
-def _storages(ts: Iterable[torch.Tensor]) -> set:
-    return {t.untyped_storage().data_ptr() for t in ts if isinstance(t, torch.Tensor)}
+def _storages(ts: Iterable[torch.Tensor]) -> "weakref.WeakValueDictionary":
+    """data_ptr -> a live tensor holding that storage (weak: a freed tensor's
+    address, reused by the allocator, is no longer "host")."""
+    out = weakref.WeakValueDictionary()
+    for t in ts:
+        if isinstance(t, torch.Tensor):
+            out[t.untyped_storage().data_ptr()] = t
+    return out
 
 
 def host_tensors_of(*objs) -> List[torch.Tensor]:
@@ -207,7 +215,7 @@ class SyncAudit:
                 self._record("copy", f"{name}(device=)")
             out = orig(*args, **kwargs)
             if kwargs.get("device") is None and isinstance(out, torch.Tensor):
-                self._host.add(out.untyped_storage().data_ptr())  # host data, on the host
+                self._host[out.untyped_storage().data_ptr()] = out  # host data, on the host
             return out
         return make
 

@@ -151,7 +151,7 @@ def test_requests_that_need_mrv2_are_refused_naming_why(vllm_config, monkeypatch
     from entropix_vllm.integration import engine
 
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
-    why = engine.v2_refusal(vllm_config, True, "prompt_logprob_token_ids")
+    why = engine.v2_refusal(vllm_config, "prompt_logprob_token_ids", vllm_v2=True)
     assert why.startswith("prompt_logprob_token_ids needs vLLM's V2 model runner")
     assert "VLLM_USE_V2_MODEL_RUNNER=1" in why
     # MRV2 chosen (vLLM says MRV1 cannot serve it) or the user's choice: nothing refused.
@@ -160,7 +160,7 @@ def test_requests_that_need_mrv2_are_refused_naming_why(vllm_config, monkeypatch
     blocked.parallel_config = copy.copy(vllm_config.parallel_config)
     blocked.parallel_config.enable_batch_sharded_sampling = True
     assert engine.runner_choice(blocked, True).v2 is True
-    assert engine.v2_refusal(blocked, True, "prompt_logprob_token_ids") is None
+    assert engine.v2_refusal(blocked, "prompt_logprob_token_ids", vllm_v2=True) is None
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
-    assert engine.v2_refusal(vllm_config, True, "prompt_logprob_token_ids") is None
+    assert engine.v2_refusal(vllm_config, "prompt_logprob_token_ids", vllm_v2=True) is None
 

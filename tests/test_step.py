@@ -146,32 +146,3 @@ def test_nan_row_takes_argmax_path_and_never_crashes():
     got = step.entropix_step(logits, None, table, torch.full((3,), -1), torch.zeros(3, dtype=torch.bool), noise)
     assert got.tokens.shape == (3,)
     assert 0 <= int(got.tokens[1]) < 100
-
-
-def test_seeded_noise_gives_same_tokens_whatever_else_is_in_the_batch():
-    from entropix_vllm.integration.runtime import BatchConfig, batch_noise
-
-    V = 1000
-    gen = torch.Generator().manual_seed(3)
-    row = 2.0 * torch.randn(1, V, generator=gen)
-
-    def run(other_draws, others):
-        cfgs = [EntropixConfig()] + [EntropixConfig(n_adaptive_samples=other_draws)] * others
-        n = [c.n_adaptive_samples for c in cfgs]
-        import numpy as np
-        b = BatchConfig(req_ids=tuple(range(len(cfgs))), enabled=np.ones(len(cfgs), bool),
-                        any_enabled=True, all_enabled=True,
-                        enabled_dev=torch.ones(len(cfgs), dtype=torch.bool), coeff_table=_table(cfgs),
-                        cot_token=torch.full((len(cfgs),), -1), n_draws=n, max_draws=max(n))
-        logits = torch.cat([row, 2.0 * torch.randn(others, V)]) if others else row
-        g = torch.Generator().manual_seed(1234)
-        toks = []
-        for _ in range(4):
-            noise = batch_noise(b, {0: g}, K_MAX, "cpu")
-            toks.append(int(step.entropix_step(logits, None, b.coeff_table, b.cot_token,
-                                               torch.zeros(len(cfgs), dtype=torch.bool), noise).tokens[0]))
-        return toks
-
-    alone = run(5, 0)
-    assert run(9, 3) == alone
-    assert run(2, 6) == alone

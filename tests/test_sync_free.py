@@ -80,7 +80,7 @@ def audited_run(tmp_path_factory):
                 audit_calls(attention._Capture, "on_forward", audit, calls)),
                (type(runner.sampler), "sample",
                 audit_calls(type(runner.sampler), "sample", audit, calls))]
-    assert isinstance(runner.sampler, mrv1.sampler_class())
+    assert isinstance(runner.sampler, mrv1.EntropixSamplerV1)
     prompts = ["Name three colours.", "What is 12 + 30?", LONG + " How many lines?",
                "Write a haiku about rain.", "Capital of Italy?", LONG + " Which jar is red?",
                "Say hello.", "Count to four."]

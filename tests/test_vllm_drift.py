@@ -1,4 +1,4 @@
-"""The seam (``entropix_vllm/integration/vllm_api.py``) against vLLM's source.
+"""The seam (``integration/vllm_api.py``, checked by ``integration/vllm_source.py``) against vLLM's source.
 
 * Every internal of ``vllm_api.INTERNALS`` (import paths, classes, methods with
   the parameters the plugin passes, properties, fields, attributes) is checked
@@ -31,7 +31,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from entropix_vllm.integration import vllm_api  # noqa: E402
+from entropix_vllm.integration import patches, vllm_api, vllm_source  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WHEEL_DIR = ROOT / ".cache" / "vllm-wheels"
@@ -65,7 +65,7 @@ def next_wheel() -> Path:
     return cached[0]
 
 
-def doctored(base: vllm_api.Source, edits: dict) -> vllm_api.Source:
+def doctored(base: vllm_source.Source, edits: dict) -> vllm_source.Source:
     """``base`` with ``{relative path: (old, new) or None}`` applied (None: no such
     file); every ``old`` must occur (the doctoring must hit)."""
     def read(rel):
@@ -77,7 +77,7 @@ def doctored(base: vllm_api.Source, edits: dict) -> vllm_api.Source:
             assert text is not None and old in text, (rel, old)
             text = text.replace(old, new)
         return text
-    return vllm_api.Source(read, f"doctored {base.label}")
+    return vllm_source.Source(read, f"doctored {base.label}")
 
 
 # Each edit renames one internal; the check must name exactly these entries.
@@ -117,60 +117,60 @@ def _names(problems):
 # The installed vLLM (0.32) and 0.33.0
 # ----------------------------------------------------------------------------
 def test_installed_vllm_has_every_internal():
-    src = vllm_api.Source.installed()
+    src = vllm_source.Source.installed()
     version = src.version()
     series = vllm_api.series_of(version)
     assert series == "0.32", version
     n = len(vllm_api.applicable(series))
-    problems = vllm_api.check(src, series)
+    problems = vllm_source.check(src, series)
     print(f"vLLM {version} ({src.label}): {n} internals checked, {len(problems)} missing")
     assert problems == []
 
 
 def test_next_vllm_has_every_internal(next_wheel):
-    src = vllm_api.Source.wheel(str(next_wheel))
+    src = vllm_source.Source.wheel(str(next_wheel))
     assert src.version() == NEXT
     n = len(vllm_api.applicable("0.33"))
-    problems = vllm_api.check(src, "0.33")
+    problems = vllm_source.check(src, "0.33")
     print(f"vLLM {NEXT} ({next_wheel.name}): {n} internals checked, {len(problems)} missing")
     assert problems == []
-    assert vllm_api.probe(src).ok
+    assert vllm_source.probe(src).ok
 
 
 def test_series_differ_where_the_seam_says():
     """0.32's source lacks exactly the 0.33-only internals (the accessors' keys)."""
     only = [str(e) for e in vllm_api.INTERNALS if e.series == vllm_api.ONLY_033]
     assert len(only) >= 4
-    assert _names(vllm_api.check(vllm_api.Source.installed(), "0.33")) == sorted(only)
+    assert _names(vllm_source.check(vllm_source.Source.installed(), "0.33")) == sorted(only)
 
 
 @pytest.mark.parametrize("case", sorted(DOCTORINGS))
 def test_doctored_next_vllm_fails_naming_the_internal(next_wheel, case):
     edits, named = DOCTORINGS[case]
-    src = doctored(vllm_api.Source.wheel(str(next_wheel)), edits)
-    problems = vllm_api.check(src, "0.33")
+    src = doctored(vllm_source.Source.wheel(str(next_wheel)), edits)
+    problems = vllm_source.check(src, "0.33")
     assert _names(problems) == sorted(named), problems
 
 
 @pytest.mark.parametrize("case", sorted(DOCTORINGS))
 def test_doctored_installed_vllm_fails_naming_the_internal(case):
     edits, named = DOCTORINGS[case]
-    src = doctored(vllm_api.Source.installed(), edits)
-    assert _names(vllm_api.check(src, "0.32")) == sorted(named)
+    src = doctored(vllm_source.Source.installed(), edits)
+    assert _names(vllm_source.check(src, "0.32")) == sorted(named)
 
 
 def test_missing_module_names_every_internal_in_it(next_wheel):
-    src = doctored(vllm_api.Source.wheel(str(next_wheel)),
-                   {"vllm/v1/worker/gpu/buffer_utils.py": None})
+    src = doctored(vllm_source.Source.wheel(str(next_wheel)),
+                   {"vllm/v1/worker/gpu/states.py": None})
     want = sorted(str(e) for e in vllm_api.INTERNALS
-                  if e.module == "vllm.v1.worker.gpu.buffer_utils")
-    problems = vllm_api.check(src, "0.33")
-    assert _names(problems) == want and len(want) == 4
-    assert all("module vllm.v1.worker.gpu.buffer_utils not found" in p for p in problems)
+                  if e.module == "vllm.v1.worker.gpu.states")
+    problems = vllm_source.check(src, "0.33")
+    assert _names(problems) == want and len(want) == 3
+    assert all("module vllm.v1.worker.gpu.states not found" in p for p in problems)
 
 
 def test_unsupported_version_is_named():
-    r = vllm_api.probe(vllm_api.Source.installed(), version="0.34.0")
+    r = vllm_source.probe(vllm_source.Source.installed(), version="0.34.0")
     assert not r.ok and "vLLM 0.34.0 is not a supported version" in r.problems[0]
     assert vllm_api.series_of("0.32.1+cpu") == "0.32" and vllm_api.series_of("dev") == ""
 
@@ -180,7 +180,7 @@ def test_unsupported_version_is_named():
 # ----------------------------------------------------------------------------
 PROBE_SCRIPT = textwrap.dedent('''
     import logging, sys
-    from entropix_vllm.integration import plugin, vllm_api
+    from entropix_vllm.integration import plugin, vllm_api, vllm_source
     from vllm.config import VllmConfig
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.engine.input_processor import InputProcessor
@@ -197,14 +197,14 @@ PROBE_SCRIPT = textwrap.dedent('''
                 VllmConfig.__post_init__, VllmConfig.__dict__["use_v2_model_runner"],
                 InputProcessor._validate_params, mrv1.GPUModelRunner.__init__, mrv1.Sampler)
 
-    base = vllm_api.Source.installed()
+    base = vllm_source.Source.installed()
     def read(rel):
         text = base._read(rel)
         if rel == "vllm/v1/worker/gpu_model_runner.py":
             text = text.replace("self.optimistic_seq_lens_cpu", "self.optimistic_seq_lens_host")
         return text
     before = state()
-    active = plugin.register(source=vllm_api.Source(read, "doctored"))
+    active = plugin.register(source=vllm_source.Source(read, "doctored"))
     errors = [r.getMessage() for r in records if r.levelno >= logging.ERROR]
     print("ACTIVE", active, "UNTOUCHED", state() == before, "ERRORS", len(errors))
     print("ERROR:", errors[0] if errors else "")
@@ -269,15 +269,17 @@ def test_v1_runner_blockers_are_vllms_own(cpu_config):
     assert vllm_api.v1_runner_blockers(cfg) == ["batch-sharded sampling", "HiSparse attention"]
 
 
-def test_beam_allowlist_refusal_on_033s_beam_search_params(next_wheel, cpu_config):
+def test_beam_allowlist_refusal_on_033s_beam_search_params(next_wheel, cpu_config, monkeypatch):
     sp = _load_from_wheel(next_wheel, "vllm/sampling_params.py", "_entropix_vllm033_sp")
     cls = sp.BeamSearchParams
     orig = cls.configure_logprobs
     why = "a beam search with allowed_token_ids needs vLLM's V2 model runner (test)"
     answer = {"why": why}
-    assert vllm_api.wrap_beam_configure_logprobs(cls, lambda config: answer["why"])
-    assert vllm_api.wrap_beam_configure_logprobs(cls, lambda config: None)   # idempotent
+    monkeypatch.setattr(vllm_api, "running_series", lambda: "0.33")
+    assert patches.apply_beam_allowlist_guard(lambda config: answer["why"], cls)
+    assert patches.apply_beam_allowlist_guard(lambda config: None, cls)   # idempotent
     assert cls.configure_logprobs.__wrapped__ is orig
+    assert patches.patched(cls.__dict__["configure_logprobs"])
     error = vllm_api.validation_error_cls()
     beam = cls(beam_width=2, max_tokens=3, allowed_token_ids=[5, 6])
     with pytest.raises(error, match="needs vLLM's V2 model runner") as e:
@@ -291,7 +293,8 @@ def test_beam_allowlist_refusal_on_033s_beam_search_params(next_wheel, cpu_confi
     params = sp.SamplingParams(max_tokens=1)
     cls(beam_width=2, max_tokens=3).configure_logprobs(params, cpu_config)
     # On the installed 0.32 there is nothing to wrap.
-    assert vllm_api.patch_beam_allowlist(lambda config: why) is False
+    monkeypatch.undo()
+    assert patches.apply_beam_allowlist_guard(lambda config: why) is False
 
 
 def test_fused_sample_guard_on_033s_sampler(next_wheel, monkeypatch):
@@ -307,16 +310,18 @@ def test_fused_sample_guard_on_033s_sampler(next_wheel, monkeypatch):
     monkeypatch.setattr(mod, "mixed_sample_eligible",
                         lambda *a, **k: calls.append(a) or orig(*a, **k))
     active = {"on": True}
-    assert vllm_api.wrap_fused_sample_check(mod, lambda: active["on"])
+    monkeypatch.setattr(vllm_api, "running_series", lambda: "0.33")
+    assert patches.apply_mrv1_fused_sample_guard(lambda: active["on"], mod)
     assert mod.mixed_sample_eligible("sm", False) is False and calls == []   # Entropix: never
     active["on"] = False
     assert mod.mixed_sample_eligible(None, True) is False and len(calls) == 1  # vLLM decides
     # Keyed by the running series: nothing to guard on 0.32, the guard on 0.33.
-    assert vllm_api.guard_mrv1_fused_sample(lambda: True) is False
+    monkeypatch.setattr(vllm_api, "running_series", lambda: "0.32")
+    assert patches.apply_mrv1_fused_sample_guard(lambda: True) is False
     monkeypatch.setattr(vllm_api, "running_series", lambda: "0.33")
     import vllm.v1.sample.sampler as installed
     monkeypatch.setattr(installed, "mixed_sample_eligible", orig, raising=False)
-    assert vllm_api.guard_mrv1_fused_sample(lambda: True) is True
+    assert patches.apply_mrv1_fused_sample_guard(lambda: True) is True
     assert installed.mixed_sample_eligible("sm", False) is False
 
 

@@ -6,11 +6,12 @@ metadata, the forward context, the TP all-gather.
 
 How it works
 ------------
-* :func:`install` wraps ``forward`` of the supported attention backends' impl
-  classes at class level. The attention custom op
+* ``patches.apply_attention_capture`` wraps ``forward`` of the supported
+  attention backends' impl classes at class level. The attention custom op
   (``unified_attention_with_output``) looks up ``layer.impl.forward`` at run
-  time, so the wrapper sees every call of every layer; it acts only for the
-  chosen layer and costs one string comparison for the others.
+  time, so the wrapper sees every call of every layer; :func:`after_forward`
+  acts only for the chosen layer and costs one string comparison for the
+  others.
 * The chosen layer: ``attn_layer`` indexes the model's decoder self-attention
   layers (``Attention`` modules with ``attn_type == "decoder"``) in the order
   the model builds them, which is the transformer layer order
@@ -84,7 +85,6 @@ window, ALiBi or logit soft-capping the model applies (a warning says so once).
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Optional
 
@@ -99,7 +99,6 @@ logger = logging.getLogger("vllm.entropix.attention")
 _SUPPORTED = vllm_api.ATTENTION_BACKENDS
 _DIRECT_READ = vllm_api.DIRECT_READ_BACKENDS
 
-_WRAPPED_MARK = "_entropix_wrapped"
 
 
 class AttentionCaptureError(RuntimeError):
@@ -390,28 +389,17 @@ def _warn_once(msg: str) -> None:
         logger.warning(msg)
 
 
-def _wrap_forward(cls) -> None:
-    # Wrap the class in the MRO that defines forward, once.
-    owner = next(c for c in cls.__mro__ if "forward" in c.__dict__)
-    orig = owner.__dict__["forward"]
-    if getattr(orig, _WRAPPED_MARK, False):
+def after_forward(impl, layer, query, key, kv_cache, attn_metadata) -> None:
+    """After vLLM's attention of any layer (``patches.apply_attention_capture``
+    wraps the backends' ``forward``): the capture, for the chosen layer."""
+    st = _STATE
+    if st is None:
         return
-
-    @functools.wraps(orig)
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs):
-        out = orig(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
-        st = _STATE
-        if st is not None:
-            name = st.layer_name
-            if name is None:
-                name = st.resolve(_forward_layers())
-            if getattr(layer, "layer_name", None) == name:
-                st.on_forward(self, layer, query, key, kv_cache, attn_metadata)
-        return out
-
-    setattr(forward, _WRAPPED_MARK, True)
-    forward.__entropix_original__ = orig
-    setattr(owner, "forward", forward)
+    name = st.layer_name
+    if name is None:
+        name = st.resolve(_forward_layers())
+    if getattr(layer, "layer_name", None) == name:
+        st.on_forward(impl, layer, query, key, kv_cache, attn_metadata)
 
 
 def _forward_layers():
@@ -426,24 +414,17 @@ def install(vllm_config, attn_layer: int = -1) -> None:
 
     Called once per worker process before the model runner is built (by
     ``engine.start_worker``, only when Entropix is enabled, after the engine
-    checks and adjustments). Wraps ``forward`` of the supported backends' impl
-    classes (``CPU_ATTN``, ``FLASH_ATTN``, ``TRITON_ATTN``) at class level. The
-    chosen layer and its backend are resolved at the first forward pass; an
-    unsupported backend raises :class:`AttentionCaptureError` then (start-up
-    profiling run) or at the first :func:`attention_stats_for_sampler` call,
-    whichever comes first. Calling it again replaces the chosen layer and
-    drops the buffers, the CPU key copy included: keys of blocks computed
-    before (prefix-cache hits later) would be missing, so install once, before
-    the first request.
+    checks and adjustments), with ``patches.apply_attention_capture`` (the
+    backends' ``forward`` wrappers, which call :func:`after_forward`). The
+    chosen layer and its backend are resolved at the first forward pass (or
+    at :func:`prepare`); an unsupported backend raises
+    :class:`AttentionCaptureError` then (start-up profiling run) or at the
+    first :func:`attention_stats_for_sampler` call, whichever comes first.
+    Calling it again replaces the chosen layer and drops the buffers, the CPU
+    key copy included: keys of blocks computed before (prefix-cache hits
+    later) would be missing, so install once, before the first request.
     """
     global _STATE
-    for backend in _SUPPORTED:
-        try:
-            cls = vllm_api.attention_impl_cls(backend)
-        except Exception as e:  # backend not built into this vLLM (e.g. CUDA ones on CPU)
-            logger.debug("Entropix: attention backend %s not importable: %s", backend, e)
-            continue
-        _wrap_forward(cls)
     _STATE = _Capture(vllm_config, attn_layer)
 
 

@@ -44,7 +44,6 @@ from . import vllm_api
 
 logger = logging.getLogger("vllm.entropix")
 
-V2_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 
 # ----------------------------------------------------------------------------
@@ -126,6 +125,20 @@ def adjust_before_vllm(vllm_config) -> List[str]:
     return changes
 
 
+def before_vllm_post_init(vllm_config) -> None:
+    """Before vLLM's ``VllmConfig.__post_init__`` (``patches.apply_engine_config``)."""
+    if entropix_enabled(vllm_config):
+        adjust_before_vllm(vllm_config)
+
+
+def after_vllm_post_init(vllm_config) -> None:
+    """After vLLM's ``VllmConfig.__post_init__``: the sections validated (a wrong
+    ``sampler`` value too) and, for an Entropix engine, :func:`check`."""
+    engine_config(vllm_config)
+    if entropix_enabled(vllm_config):
+        check(vllm_config)
+
+
 def prepare(vllm_config) -> List[str]:
     """:func:`check` and the adjustments (idempotent); the worker's entry."""
     check(vllm_config)
@@ -154,22 +167,26 @@ def choose_runner(vllm_v2: bool, env_value: Optional[str],
     vLLM's own choice, ``env_value`` the ``VLLM_USE_V2_MODEL_RUNNER`` setting
     (None: unset), ``v1_blockers`` what vLLM says MRV1 cannot serve."""
     if env_value is not None:
-        return RunnerChoice(vllm_v2, "user", f"{V2_ENV}={env_value}")
+        return RunnerChoice(vllm_v2, "user", f"{vllm_api.V2_RUNNER_ENV}={env_value}")
     if not vllm_v2:
         return RunnerChoice(False, "vllm", "vLLM runs its V1 model runner here")
     if v1_blockers:
         return RunnerChoice(True, "vllm", "vLLM's V1 model runner cannot serve this engine "
                                           f"({', '.join(v1_blockers)})")
     return RunnerChoice(False, "plugin", "its Entropix sampler is the one tested end to end; "
-                                         f"{V2_ENV}=1 selects the MRV2 Entropix sampler")
+                                         f"{vllm_api.V2_RUNNER_ENV}=1 selects the MRV2 Entropix sampler")
 
 
 _LOGGED: set = set()
 
 
-def runner_choice(vllm_config, vllm_v2: bool) -> RunnerChoice:
-    """:func:`choose_runner` for this engine (logged once per process and choice)."""
-    env = os.environ.get(V2_ENV)
+def runner_choice(vllm_config, vllm_v2: Optional[bool] = None) -> RunnerChoice:
+    """:func:`choose_runner` for this engine (logged once per process and
+    choice); ``vllm_v2``: vLLM's own choice (default: asked of vLLM)."""
+    if vllm_v2 is None:
+        from .patches import vllm_runner_choice
+        vllm_v2 = vllm_runner_choice(vllm_config)
+    env = os.environ.get(vllm_api.V2_RUNNER_ENV)
     blockers = vllm_api.v1_runner_blockers(vllm_config) if (vllm_v2 and env is None) else []
     choice = choose_runner(vllm_v2, env, blockers)
     key = (choice.v2, choice.by, choice.reason)
@@ -184,10 +201,18 @@ def runner_choice(vllm_config, vllm_v2: bool) -> RunnerChoice:
     return choice
 
 
-def v2_refusal(vllm_config, vllm_v2: bool, what: str) -> Optional[str]:
+def use_v2_model_runner(vllm_config, vllm_v2: bool) -> bool:
+    """``VllmConfig.use_v2_model_runner`` as patched: vLLM's answer ``vllm_v2``
+    unless the engine runs Entropix."""
+    if not entropix_enabled(vllm_config):
+        return vllm_v2
+    return runner_choice(vllm_config, vllm_v2).v2
+
+
+def v2_refusal(vllm_config, what: str, vllm_v2: Optional[bool] = None) -> Optional[str]:
     """The message refusing ``what`` (a request feature only MRV2 serves) when
-    the plugin moved this engine to MRV1; None otherwise (vLLM's own check,
-    if any, applies)."""
+    the plugin moved this Entropix engine to MRV1; None otherwise (vLLM's own
+    check, if any, applies). ``vllm_v2``: vLLM's own choice (default: asked)."""
     if not entropix_enabled(vllm_config):
         return None
     choice = runner_choice(vllm_config, vllm_v2)
@@ -195,12 +220,20 @@ def v2_refusal(vllm_config, vllm_v2: bool, what: str) -> Optional[str]:
         return None
     return (f"{what} needs vLLM's V2 model runner, but this Entropix engine runs the V1 "
             f"runner (the plugin's choice on GPUs: {choice.reason}); restart the server with "
-            f"{V2_ENV}=1 to serve it")
+            f"{vllm_api.V2_RUNNER_ENV}=1 to serve it")
 
 
 # ----------------------------------------------------------------------------
 # Worker start-up
 # ----------------------------------------------------------------------------
+def worker_hooks():
+    """What the patched model runners call (``patches.WorkerHooks``)."""
+    from . import attention, patches
+
+    return patches.WorkerHooks(enabled=entropix_enabled, start=start_worker,
+                               kv_cache_bound=attention.prepare)
+
+
 def start_worker(vllm_config, device) -> "EntropixRuntime":  # noqa: F821
     """Before a model runner of an Entropix engine is built: :func:`prepare`,
     the engine's :class:`~entropix_vllm.integration.runtime.EntropixRuntime`
@@ -208,11 +241,12 @@ def start_worker(vllm_config, device) -> "EntropixRuntime":  # noqa: F821
     import torch
 
     from .. import ops
-    from . import attention
+    from . import attention, patches
     from .runtime import EntropixRuntime
 
     prepare(vllm_config)
     runtime = EntropixRuntime(vllm_config, tp_rank=vllm_api.tp_rank())
+    patches.apply_attention_capture(attention.after_forward)
     attention.install(vllm_config, runtime.options.attn_layer)
     if runtime.tp_rank == 0:
         dev = torch.device(device) if device is not None else torch.device("cpu")

