@@ -671,7 +671,8 @@ class Check:
         else:
             cause = clean_error(e.root_cause() or "")
             err = clean_error(e.error)
-            msg = f"{e.title}: {e.phase or 'start'}: {err}" + (f"; root cause: {cause}" if cause and cause not in err else "")
+            extra = cause and cause not in err and "validation error for" not in cause
+            msg = f"{e.title}: {e.phase or 'start'}: {err}" + (f"; root cause: {cause}" if extra else "")
             if self.cpu and e.runner == "v2" and re.search(r"triton|V2|v2", f"{e.error} {cause}", re.I):
                 self.verdict(name, "SKIP", "MRV2 cannot start on CPU (expected); vLLM said: " + msg[:500], secs)
             else:
