@@ -185,15 +185,17 @@ def make_plan(mode: str, kit: str, work: str):
     eng("prof", "Entropix, MRV1, eager, engine core in-process, trace on", "smol", entropix=True,
         inproc=True, trace=True, concs=(cmid,), private_triton=not cpu)
     have = {e["id"] for e in engines}
+    # a timed call only where its engine warmed up at that concurrency (no JIT in a timing)
+    warmed = {e["id"]: {w["conc"] for w in e["spec"]["warm"]} for e in engines}
 
     jobs = []
 
     def pair(e, conc, rep, prio="accept"):
-        if e in have:
+        if e in have and conc in warmed[e]:
             jobs.append({"kind": "pair", "engine": e, "conc": conc, "tokens": tok, "rep": rep, "prio": prio})
 
     def cross(a, b, conc, rep, prio="accept", modes=("plain", "plain")):
-        if a in have and b in have:
+        if a in have and b in have and conc in warmed[a] and conc in warmed[b]:
             jobs.append({"kind": "cross", "engines": [a, b], "modes": list(modes), "conc": conc,
                          "tokens": tok, "rep": rep, "prio": prio})
 
