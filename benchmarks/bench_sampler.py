@@ -92,7 +92,8 @@ def main(argv=None):
     from vllm.v1.sample.sampler import Sampler
 
     from entropix_vllm import ops, step
-    from entropix_vllm.config import K_MAX, EntropixConfig
+    from entropix_vllm.config import EntropixConfig
+    from entropix_vllm.contract import K_MAX
     from entropix_vllm.reference import AttnStats
 
     device = torch.device(args.device)

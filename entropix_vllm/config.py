@@ -254,6 +254,11 @@ class EntropixConfig:
         return out
 
 
+#: The columns of a coefficient table, in order: EntropixConfig's fields (the
+#: kernels read the ones of ``contract.DECIDE_COLUMNS`` by index).
+COEFF_NAMES = EntropixConfig.field_names()
+
+
 def _unchecked_replace(cfg: "EntropixConfig", values: Mapping[str, Any]) -> "EntropixConfig":
     """``cfg`` with already-coerced ``values``, without the cross-field check."""
     out = object.__new__(type(cfg))

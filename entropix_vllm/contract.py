@@ -18,7 +18,6 @@ else of the package):
 * the clamps applied to the drawn parameters before the draw
   (:data:`TOP_P_MIN` ...), which the C++ op hard-codes
   (``csrc/decide.cpp``, checked by the same test);
-* the seeded noise stream's constants (:data:`NOISE_DOMAIN` ...).
 """
 
 from __future__ import annotations
@@ -82,16 +81,6 @@ TOP_P_MIN = 1e-6
 TOP_P_MAX = 1.0
 MIN_P_MIN = 0.0
 MIN_P_MAX = 1.0 - 1e-6
-
-# ----------------------------------------------------------------------------
-# Seeded Exp(1) noise (ops.seeded_exponential_noise): murmur3_32 over (seed,
-# position, offset) words from this initial state; offset = draw * stride +
-# candidate; below SERIES_BELOW the uniform goes through a series for -log1p(-u).
-# ----------------------------------------------------------------------------
-NOISE_DOMAIN = 0x6A09E667
-NOISE_OFFSET_STRIDE = 65536
-NOISE_SERIES_BELOW = 0.125
-
 
 # ----------------------------------------------------------------------------
 # Result types

@@ -27,18 +27,18 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from . import torch_ops
-from .contract import K_MAX, NOISE_OFFSET_STRIDE, AttnStats, AttnWorkspace, BranchParams, \
+from .config import COEFF_NAMES
+from .contract import K_MAX, AttnStats, AttnWorkspace, BranchParams, \
     LogitStats, decide_column_indices
 
 logger = logging.getLogger("vllm.entropix")
 
-COEFF_NAMES = torch_ops.COEFF_NAMES  # the columns of a coefficient table
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
 #: What "auto" tries, in order, per device type (any other device: torch).
 AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")}
 
-#: The columns of COEFF_NAMES the fused decision reads (contract.DECIDE_COLUMNS order).
+#: The columns of COEFF_NAMES (config) the fused decision reads (contract.DECIDE_COLUMNS order).
 DECIDE_COLUMNS = decide_column_indices(COEFF_NAMES)
 
 
@@ -60,12 +60,12 @@ def _cpp_sample_candidates(cand_vals, cand_ids, temperature, top_k, top_p, min_p
         n_draws.long().contiguous(), noise.float().contiguous())
 
 
-def _cpp_decide_and_sample(entropy, varentropy, attn, coeff_table, columns, cand_vals, cand_ids,
+def _cpp_decide_and_sample(entropy, varentropy, attn, coeff_table, cand_vals, cand_ids,
                            noise, argmax, cot_token, prev_is_cot, logits):
     a = ((attn.attn_entropy, attn.attn_varentropy, attn.agreement, attn.interaction_strength)
          if attn is not None else (None,) * 4)
     tokens, branch, t, k, p, mp, n = torch.ops.entropix.decide_and_sample(
-        entropy, varentropy, *a, coeff_table, list(columns), cand_vals, cand_ids, noise,
+        entropy, varentropy, *a, coeff_table, list(DECIDE_COLUMNS), cand_vals, cand_ids, noise,
         argmax, cot_token, prev_is_cot, logits, K_MAX)
     return tokens, BranchParams(branch=branch, temperature=t, top_k=k, top_p=p, min_p=mp,
                                 n_draws=n)
@@ -82,17 +82,27 @@ def _cpp_paged_attention_stats(q, key_cache, block_table, seq_lens, scale, out=N
 # ----------------------------------------------------------------------------
 # The per-op table
 # ----------------------------------------------------------------------------
-def _triton(module: str, name: str):
-    return ("triton", f"entropix_vllm.triton_kernels.{module}", name)
+def _triton(module: str, name: str, adapt: Optional[Callable] = None):
+    return ("triton", f"entropix_vllm.triton_kernels.{module}", name, adapt)
+
+
+def _with_columns(kernel_entry: Callable) -> Callable:
+    """The Triton decision takes the table's column indices (kernels know no
+    config): bind them, so every backend has the same signature."""
+    return functools.partial(_decide_with_columns, kernel_entry)
+
+
+def _decide_with_columns(kernel_entry, entropy, varentropy, attn, coeff_table, *rest):
+    return kernel_entry(entropy, varentropy, attn, coeff_table, DECIDE_COLUMNS, *rest)
 
 
 def _cpp(op_name: str, fn: Callable):
     return ("cpp", op_name, fn)
 
 
-#: op -> {backend: how to get its implementation}. Triton: (module, function),
-#: imported on first use; C++: the ``torch.ops.entropix`` op it needs and the
-#: adapter; torch: the function of ``torch_ops``.
+#: op -> {backend: how to get its implementation}. Triton: (module, function,
+#: adapter or None), imported on first use; C++: the ``torch.ops.entropix`` op it
+#: needs and the adapter; torch: the function of ``torch_ops``.
 IMPLEMENTATIONS = {
     "logit_stats": {
         "triton": _triton("logit_stats", "fused_logit_stats"),
@@ -105,13 +115,9 @@ IMPLEMENTATIONS = {
         "torch": torch_ops.sample_candidates,
     },
     "decide_and_sample": {
-        "triton": _triton("entropix_decide", "decide_and_sample"),
+        "triton": _triton("entropix_decide", "decide_and_sample", _with_columns),
         "cpp": _cpp("decide_and_sample", _cpp_decide_and_sample),
         "torch": torch_ops.decide_and_sample,
-    },
-    "seeded_noise": {
-        "triton": _triton("seeded_noise", "seeded_exponential_noise"),
-        "torch": torch_ops.seeded_exponential_noise,
     },
     "paged_attention_stats": {
         "triton": _triton("attn_stats", "paged_attention_stats"),
@@ -155,11 +161,12 @@ def _load(op: str, backend: str) -> Optional[Callable]:
     if backend == "cpp":
         _, op_name, fn = entry
         return fn if cpp_available() and hasattr(torch.ops.entropix, op_name) else None
-    _, module, name = entry
+    _, module, name, adapt = entry
     if importlib.util.find_spec("triton") is None:
         return None
     try:
-        return getattr(importlib.import_module(module), name)
+        fn = getattr(importlib.import_module(module), name)
+        return adapt(fn) if adapt is not None else fn
     except Exception as e:  # a broken Triton install: the next backend runs
         logger.warning("Entropix: the Triton kernel %s.%s does not import (%s: %s)", module,
                        name, type(e).__name__, e)
@@ -299,40 +306,8 @@ def decide_and_sample(entropy: torch.Tensor, varentropy: torch.Tensor,
     (``torch_ops.decide_and_sample``, what the other two equal bit for bit).
     """
     fn = implementation("decide_and_sample", backend, entropy.device)
-    return fn(entropy, varentropy, attn, coeff_table, DECIDE_COLUMNS, cand_vals, cand_ids,
+    return fn(entropy, varentropy, attn, coeff_table, cand_vals, cand_ids,
               noise, argmax, cot_token, prev_is_cot, logits)
-
-
-def _check_noise_args(seeds: torch.Tensor, positions: torch.Tensor, num_draws: int,
-                      num_candidates: int) -> None:
-    if seeds.dim() != 1 or positions.dim() != 1 or seeds.shape != positions.shape:
-        raise ValueError(f"seeds and positions: expected two [B] tensors, got "
-                         f"{tuple(seeds.shape)} and {tuple(positions.shape)}")
-    if seeds.device != positions.device:
-        raise ValueError("seeds and positions must be on one device")
-    if seeds.dtype.is_floating_point or positions.dtype.is_floating_point:
-        raise ValueError("seeds and positions must be integer tensors")
-    if num_draws < 0 or not 0 <= num_candidates <= NOISE_OFFSET_STRIDE:
-        raise ValueError(f"num_draws >= 0 and 0 <= num_candidates <= {NOISE_OFFSET_STRIDE} "
-                         f"expected, got {num_draws}, {num_candidates}")
-
-
-def seeded_exponential_noise(seeds: torch.Tensor, positions: torch.Tensor, num_draws: int,
-                             num_candidates: int = K_MAX, backend: str = "auto") -> torch.Tensor:
-    """Exp(1) noise ``[B, num_draws, num_candidates]`` float32, keyed by (seed, position).
-
-    ``noise[b, j, c]`` depends only on ``seeds[b]`` (int64), ``positions[b]``
-    (int) and ``(j, c)``: a row's noise is the same whatever else is in the
-    batch (a murmur3 hash, see ``triton_kernels/seeded_noise.py``); contiguous,
-    on the inputs' device; ``num_candidates <= 65536``. Backends: ``"triton"``
-    and ``"torch"`` (the same hash bits; the float result agrees to a few ulp:
-    ``log`` implementations differ), ``"auto"`` (Triton on CUDA tensors). Use
-    one backend for every rank of a tensor-parallel group (``"auto"`` depends
-    only on the device type, so it does).
-    """
-    _check_noise_args(seeds, positions, num_draws, num_candidates)
-    fn = implementation("seeded_noise", backend, seeds.device)
-    return fn(seeds, positions, num_draws, num_candidates)
 
 
 def paged_attention_stats(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,

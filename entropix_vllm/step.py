@@ -33,11 +33,8 @@ from typing import Optional, Sequence
 import torch
 
 from . import ops
-from .config import K_MAX, EntropixConfig
-from .contract import AttnStats, BranchParams, LogitStats
-
-#: The columns of a coefficient table (EntropixConfig's fields, in field order).
-COEFF_NAMES = ops.COEFF_NAMES
+from .config import COEFF_NAMES, EntropixConfig
+from .contract import K_MAX, AttnStats, BranchParams, LogitStats
 
 
 def coefficient_rows(configs: Sequence[EntropixConfig]) -> list:

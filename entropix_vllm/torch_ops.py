@@ -12,13 +12,11 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .config import EntropixConfig
-from .contract import (ARGMAX, INSERT_COT, K_MAX, MIN_P_MAX, MIN_P_MIN, NOISE_DOMAIN,
-                       NOISE_OFFSET_STRIDE, NOISE_SERIES_BELOW, TOP_P_MAX, TOP_P_MIN, AttnStats,
+from .config import COEFF_NAMES
+from .contract import (ARGMAX, INSERT_COT, K_MAX, MIN_P_MAX, MIN_P_MIN,
+                       TOP_P_MAX, TOP_P_MIN, AttnStats,
                        BranchParams, LogitStats)
 
-#: The columns of a coefficient table (contract.py): EntropixConfig's fields.
-COEFF_NAMES = EntropixConfig.field_names()
 
 
 # ----------------------------------------------------------------------------
@@ -58,11 +56,10 @@ def sample_candidates(cand_vals, cand_ids, temperature, top_k, top_p, min_p, n_d
 # ----------------------------------------------------------------------------
 # decide_and_sample
 # ----------------------------------------------------------------------------
-def decide_and_sample(entropy, varentropy, attn, coeff_table, columns, cand_vals, cand_ids,
+def decide_and_sample(entropy, varentropy, attn, coeff_table, cand_vals, cand_ids,
                       noise, argmax, cot_token, prev_is_cot, logits):
     """The decision and draw as tensor ops (what the fused kernels equal bit for
-    bit). ``columns`` is unused: the table's columns are :data:`COEFF_NAMES`."""
-    del columns
+    bit); the table's columns are ``config.COEFF_NAMES``."""
     B, V = logits.shape
     coeffs = {n: coeff_table[:, i] for i, n in enumerate(COEFF_NAMES)}
     if attn is None:
@@ -88,83 +85,6 @@ def decide_and_sample(entropy, varentropy, attn, coeff_table, columns, cand_vals
     emit_cot = ((params.branch == INSERT_COT) & sane & (cot >= 0) & (cot < V)
                 & torch.isfinite(cot_logit) & ~prev_is_cot.to(logits.device))
     return torch.where(emit_cot, cot, tokens), params
-
-
-# ----------------------------------------------------------------------------
-# seeded_noise: murmur3_32 on int64 tensors holding uint32 values (the same
-# hash as the Triton kernel of triton_kernels/seeded_noise.py)
-# ----------------------------------------------------------------------------
-_C1, _C2, _M5, _F1, _F2 = 0xCC9E2D51, 0x1B873593, 0xE6546B64, 0x85EBCA6B, 0xC2B2AE35
-_NUM_WORDS = 5
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(a: torch.Tensor, c: int) -> torch.Tensor:
-    # (a * c) mod 2**32 for 0 <= a, c < 2**32 without int64 overflow.
-    lo = (a & 0xFFFF) * c
-    hi = (((a >> 16) * c) & 0xFFFF) << 16
-    return (lo + hi) & _M32
-
-
-def _rotl(v: torch.Tensor, s: int) -> torch.Tensor:
-    return ((v << s) | (v >> (32 - s))) & _M32
-
-
-def _mix(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    k = _mul32(k, _C1)
-    k = _rotl(k, 15)
-    k = _mul32(k, _C2)
-    h = h ^ k
-    h = _rotl(h, 13)
-    return (_mul32(h, 5) + _M5) & _M32
-
-
-def _fmix(h: torch.Tensor) -> torch.Tensor:
-    h = h ^ (h >> 16)
-    h = _mul32(h, _F1)
-    h = h ^ (h >> 13)
-    h = _mul32(h, _F2)
-    return h ^ (h >> 16)
-
-
-def noise_hash(seeds: torch.Tensor, positions: torch.Tensor, num_draws: int,
-               num_candidates: int) -> torch.Tensor:
-    """The 32-bit hashes ``[B, N, K]`` (int64 holding uint32) behind the noise."""
-    s = seeds.to(torch.int64)
-    p = positions.to(torch.int64)
-    h = torch.full_like(s, NOISE_DOMAIN)
-    h = _mix(h, s & _M32)
-    h = _mix(h, (s >> 32) & _M32)
-    h = _mix(h, p & _M32)
-    h = _mix(h, (p >> 32) & _M32)
-    dev = seeds.device
-    offs = (torch.arange(num_draws, dtype=torch.int64, device=dev)[:, None] * NOISE_OFFSET_STRIDE
-            + torch.arange(num_candidates, dtype=torch.int64, device=dev)[None, :])
-    h = _mix(h[:, None, None].expand(-1, num_draws, num_candidates), offs[None])
-    return _fmix(h ^ (4 * _NUM_WORDS))
-
-
-def seeded_exponential_noise(seeds: torch.Tensor, positions: torch.Tensor, num_draws: int,
-                             num_candidates: int) -> torch.Tensor:
-    """The same noise as the Triton kernel (a few ulp apart: ``log`` differs)."""
-    h = noise_hash(seeds, positions, num_draws, num_candidates)
-    f32 = torch.float32
-    hi = (h >> 16).to(f32)
-    lo = (h & 0xFFFF).to(f32)
-
-    def c(x: float) -> torch.Tensor:
-        return torch.tensor(x, dtype=f32, device=h.device)
-
-    u = hi * c(1.52587890625e-05) + (lo + c(0.5)) * c(2.3283064365386963e-10)
-    w = (c(65535.0) - hi) * c(1.52587890625e-05) + ((c(65535.0) - lo) + c(0.5)) * c(
-        2.3283064365386963e-10)
-    poly = c(0.125).expand_as(u)
-    for k in (0.14285714285714285, 0.16666666666666666, 0.2, 0.25, 0.3333333333333333, 0.5,
-              1.0):
-        poly = c(k) + u * poly
-    series = u * poly
-    direct = -torch.log(w)
-    return torch.where(u < c(NOISE_SERIES_BELOW), series, direct).contiguous()
 
 
 # ----------------------------------------------------------------------------

@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import K_MAX, EntropixConfig, EntropixConfigError
+from .config import EntropixConfig, EntropixConfigError
+from .contract import K_MAX
 from .eval import samplers as sampler_mod
 from .eval.__main__ import add_common_args, progress_bar
 from .eval.metrics import summarize

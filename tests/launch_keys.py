@@ -147,14 +147,6 @@ def main() -> list:
                                       noise, backend="triton")
                 records.append(["step", cfg, B, var, take()])
 
-    # -- seeded noise ----------------------------------------------------------
-    for B in BATCHES:
-        for var in range(VARIANTS):
-            seeds = torch.tensor([rng.randrange(-2**63, 2**63) for _ in range(B)])
-            pos = torch.tensor([rng.randrange(0, 2**31) for _ in range(B)])
-            ops.seeded_exponential_noise(seeds, pos, rng.randint(1, 8), K_MAX, backend="triton")
-            records.append(["seeded_noise", f"K={K_MAX}", B, var, take()])
-
     # -- attention figures -----------------------------------------------------
     for H, HKV, D, dtype in ((9, 3, 64, torch.bfloat16), (32, 8, 128, torch.bfloat16),
                              (8, 2, 64, torch.float32)):
@@ -191,7 +183,7 @@ def cuda_counts() -> dict:
     from entropix_vllm.config import EntropixConfig
     from entropix_vllm.contract import K_MAX, AttnStats
     from entropix_vllm.triton_kernels import (attn_stats, candidate_sampling, entropix_decide,
-                                              logit_stats, seeded_noise)
+                                              logit_stats)
 
     dev = torch.device("cuda")
     rng = random.Random(0)
@@ -217,9 +209,7 @@ def cuda_counts() -> dict:
             st = ops.paged_attention_stats(q[:B], keys, bt[:B], sl[:B], D ** -0.5,
                                            out=figures, workspace=ws)
             stats, cv, ci = ops.logit_stats_and_candidates(logits[:B])
-            seeds = torch.randint(-2**62, 2**62, (B,), device=dev, generator=g)
-            pos = torch.randint(0, 2**31 - 1, (B,), device=dev, generator=g)
-            noise = ops.seeded_exponential_noise(seeds, pos, N, K_MAX)
+            noise = torch.empty(B, N, K_MAX, device=dev).exponential_(generator=g)
             ops.decide_and_sample(stats.entropy, stats.varentropy, st, table[:B], cv, ci, noise,
                                   stats.argmax, cot[:B], prev[:B], logits[:B])
             ones = torch.ones(B, dtype=torch.int64, device=dev)
@@ -229,7 +219,7 @@ def cuda_counts() -> dict:
     torch.cuda.synchronize()
     fns = [logit_stats._logit_stats_kernel, logit_stats._merge_kernel,
            logit_stats._candidates_kernel, entropix_decide._decide_kernel,
-           candidate_sampling._sample_kernel, seeded_noise._exp_noise_kernel,
+           candidate_sampling._sample_kernel,
            attn_stats._head_partials_kernel, attn_stats._agreement_kernel]
     return {f.fn.__name__: sum(len(c[0]) for c in f.device_caches.values()) for f in fns}
 

@@ -105,9 +105,15 @@ def test_backend_table_resolution():
     want_cpu = "cpp" if ops.cpp_available() else "torch"
     for op in ("logit_stats", "sample_candidates", "decide_and_sample", "paged_attention_stats"):
         assert ops.resolve(op, "auto", "cpu") == want_cpu
-    assert ops.resolve("seeded_noise", "auto", "cpu") == "torch"
-    with pytest.raises(ValueError, match="seeded_noise has no cpp implementation"):
-        ops.resolve("seeded_noise", "cpp", "cpu")
+    # an op with only a torch implementation: "auto" takes it; naming another refuses
+    ops.IMPLEMENTATIONS["torch_only"] = {"torch": ops.IMPLEMENTATIONS["logit_stats"]["torch"]}
+    try:
+        assert ops.resolve("torch_only", "auto", "cpu") == "torch"
+        with pytest.raises(ValueError, match="torch_only has no cpp implementation"):
+            ops.resolve("torch_only", "cpp", "cpu")
+    finally:
+        del ops.IMPLEMENTATIONS["torch_only"]
+        ops.resolve.cache_clear()
     with pytest.raises(ValueError, match="backend"):
         ops.resolve("logit_stats", "cuda", "cpu")
     with pytest.raises(ValueError, match="op"):
@@ -116,4 +122,5 @@ def test_backend_table_resolution():
     dev = torch.device("cpu")
     assert ops.implementation("logit_stats", "auto", dev) is ops.implementation(
         "logit_stats", "auto", dev)
-    assert "seeded_noise=torch" in ops.describe("cpu")
+    assert ops.describe("cpu").split(", ") == [f"{op}={ops.resolve(op, 'auto', 'cpu')}"
+                                                 for op in ops.OPS]

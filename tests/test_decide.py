@@ -27,7 +27,8 @@ if not CUDA:
 pytest.importorskip("triton")
 
 from entropix_vllm import ops, reference, step  # noqa: E402
-from entropix_vllm.config import K_MAX, EntropixConfig  # noqa: E402
+from entropix_vllm.config import COEFF_NAMES, EntropixConfig  # noqa: E402
+from entropix_vllm.contract import K_MAX  # noqa: E402
 from entropix_vllm.reference import AttnStats  # noqa: E402
 
 if not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -173,7 +174,7 @@ def test_step_uses_the_fused_path_on_cuda_or_when_asked():
     assert torch.equal(got.params.branch.cpu(), want.params.branch)
     # the table's columns are COEFF_NAMES
     cols = step.coefficient_columns(table)
-    assert list(cols) == list(step.COEFF_NAMES)
+    assert list(cols) == list(COEFF_NAMES)
     assert all(torch.equal(cols[n], torch.tensor([float(getattr(c, n)) for c in cfgs],
                                                  dtype=torch.float64)) for n in cols)
 

@@ -20,8 +20,8 @@ through a bounded set.
 Before this change (commit eaeb515) the same probe found, for the SmolLM2-like
 configuration (vocabulary 49152, 9 heads / 3 kv heads), 3 + 9 keys of the logit
 statistics and merge kernels over B 1..64, 4 + 9 of the attention passes, 6 of
-the decision (noise depth), 4 of the noise, and 243 (scenario, B) cells whose
-keys changed with per-step values.
+the decision (noise depth), 4 of the (since removed) seeded-noise kernel, and
+243 (scenario, B) cells whose keys changed with per-step values.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ ROOT = PROBE.parent.parent
 BOUND = {"_logit_stats_kernel": 2}
 #: Every kernel of triton_kernels/ (the probe must launch each).
 KERNELS = {"_logit_stats_kernel", "_merge_kernel", "_candidates_kernel", "_decide_kernel",
-           "_sample_kernel", "_exp_noise_kernel", "_head_partials_kernel", "_agreement_kernel"}
+           "_sample_kernel", "_head_partials_kernel", "_agreement_kernel"}
 
 
 def _probe(*args) -> dict:

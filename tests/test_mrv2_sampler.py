@@ -66,9 +66,7 @@ Awaiting a GPU build of vLLM (not exercised here):
 
 from __future__ import annotations
 
-import math
 import os
-import struct
 import subprocess
 import sys
 
@@ -76,193 +74,28 @@ import numpy as np
 import pytest
 import torch
 
-from entropix_vllm import contract, ops, torch_ops
-
 CHILD_ENV = "ENTROPIX_MRV2_CHILD"
 IN_CHILD = os.environ.get(CHILD_ENV) == "1"
 HAS_CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")
 TRITON_RUNS = HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"
-M32 = 0xFFFFFFFF
-
-
-# ============================================================================
-# Seeded noise (this process)
-# ============================================================================
-def murmur3_32(data: bytes, seed: int) -> int:
-    """Textbook MurmurHash3 x86_32."""
-    c1, c2 = 0xCC9E2D51, 0x1B873593
-    h = seed & M32
-    n = len(data) // 4
-    for i in range(n):
-        k = struct.unpack_from("<I", data, 4 * i)[0]
-        k = (k * c1) & M32
-        k = ((k << 15) | (k >> 17)) & M32
-        k = (k * c2) & M32
-        h ^= k
-        h = ((h << 13) | (h >> 19)) & M32
-        h = (h * 5 + 0xE6546B64) & M32
-    tail = data[4 * n:]
-    k = 0
-    for i, b in enumerate(tail):
-        k |= b << (8 * i)
-    if tail:
-        k = (k * c1) & M32
-        k = ((k << 15) | (k >> 17)) & M32
-        k = (k * c2) & M32
-        h ^= k
-    h ^= len(data)
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & M32
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & M32
-    return h ^ (h >> 16)
-
-
-def test_murmur3_reference_on_published_vectors():
-    assert murmur3_32(b"", 0) == 0
-    assert murmur3_32(b"", 1) == 0x514E28B7
-    assert murmur3_32(b"", 0xFFFFFFFF) == 0x81F16F39
-    assert murmur3_32(b"\0\0\0\0", 0) == 0x2362F9DE
-    assert murmur3_32(b"Hello, world!", 1234) == 0xFAF6CDB3
-    assert murmur3_32(b"The quick brown fox jumps over the lazy dog", 0x9747B28C) == 0x2FA826CD
-
-
-def test_noise_hash_is_murmur3_of_seed_position_offset():
-    seeds = [0, 1, -1, 2**63 - 1, -(2**63), 123456789012345]
-    pos = [0, 1, 5, 2**31 - 1, 2**40 + 3, 17]
-    N, K = 3, 7
-    H = torch_ops.noise_hash(torch.tensor(seeds), torch.tensor(pos), N, K)
-    assert H.shape == (6, N, K) and H.dtype == torch.int64
-    for b, (s, p) in enumerate(zip(seeds, pos)):
-        for j in range(N):
-            for c in range(K):
-                words = (s & M32, (s >> 32) & M32, p & M32, (p >> 32) & M32,
-                         j * contract.NOISE_OFFSET_STRIDE + c)
-                assert int(H[b, j, c]) == murmur3_32(struct.pack("<5I", *words), contract.NOISE_DOMAIN)
-
-
-def _noise_inputs(B=6):
-    seeds = torch.tensor([0, 7, -3, 2**62 + 11, -(2**63), 99][:B], dtype=torch.int64)
-    pos = torch.tensor([0, 5, 6, 2**31 - 1, 1234, 5][:B], dtype=torch.int64)
-    return seeds.to(DEV), pos.to(DEV)
-
-
-@pytest.mark.skipif(not TRITON_RUNS, reason="no CUDA device and TRITON_INTERPRET is not set")
-def test_noise_kernel_matches_torch_fallback():
-    seeds, pos = _noise_inputs()
-    k = ops.seeded_exponential_noise(seeds, pos, 5, 128, backend="triton")
-    t = ops.seeded_exponential_noise(seeds, pos, 5, 128, backend="torch")
-    assert k.shape == t.shape == (6, 5, 128)
-    assert k.dtype == t.dtype == torch.float32 and k.is_contiguous()
-    rel = ((k.double() - t.double()).abs() / t.double()).max().item()
-    assert rel < 1e-6, rel
-    # Odd sizes and a single block smaller than the tile.
-    k2 = ops.seeded_exponential_noise(seeds[:3], pos[:3], 2, 37, backend="triton")
-    assert torch.allclose(k2, t[:3, :2, :37], rtol=1e-6, atol=0)
-
-
-def _check_exp1(x: torch.Tensor, k_sigma: float = 5.0) -> None:
-    x = x.double().flatten().cpu()
-    n = x.numel()
-    assert torch.isfinite(x).all() and (x > 0).all()
-    mean, var = x.mean().item(), x.var().item()
-    assert abs(mean - 1.0) < k_sigma / math.sqrt(n), mean
-    assert abs(var - 1.0) < k_sigma * math.sqrt(8.0 / n), var
-    xs = x.sort().values
-    cdf = 1.0 - torch.exp(-xs)
-    i = torch.arange(1, n + 1, dtype=torch.float64)
-    ks = torch.maximum(i / n - cdf, cdf - (i - 1) / n).max().item()
-    assert ks < 1.8 / math.sqrt(n), ks          # ~0.3% level
-    # The small values decide exponential races: their frequency is right.
-    for t in (1e-2, 1e-3):
-        frac = (x < t).double().mean().item()
-        p = 1.0 - math.exp(-t)
-        assert abs(frac - p) < k_sigma * math.sqrt(p / n), (t, frac)
-
-
-def test_noise_torch_is_exp1():
-    seeds = torch.arange(64, dtype=torch.int64) * 7919 - 100_000
-    pos = torch.arange(64, dtype=torch.int64) * 3
-    x = ops.seeded_exponential_noise(seeds, pos, 16, 128, backend="torch")
-    _check_exp1(x)
-    # No correlation between neighbouring candidates, draws, or positions.
-    n = x[:, :, 1:].numel()
-    for a, b in ((x[:, :, 1:], x[:, :, :-1]), (x[:, 1:], x[:, :-1])):
-        r = np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1]
-        assert abs(r) < 5 / math.sqrt(n), r
-    nxt = ops.seeded_exponential_noise(seeds, pos + 1, 16, 128, backend="torch")
-    r = np.corrcoef(x.flatten().numpy(), nxt.flatten().numpy())[0, 1]
-    assert abs(r) < 5 / math.sqrt(x.numel()), r
-
-
-@pytest.mark.skipif(not TRITON_RUNS, reason="no CUDA device and TRITON_INTERPRET is not set")
-def test_noise_kernel_is_exp1():
-    seeds = (torch.arange(16, dtype=torch.int64) * 104729 + 5).to(DEV)
-    pos = torch.arange(16, dtype=torch.int64).to(DEV)
-    _check_exp1(ops.seeded_exponential_noise(seeds, pos, 8, 128, backend="triton"))
-
-
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_noise_row_depends_only_on_seed_and_position(backend):
-    if backend == "triton" and not TRITON_RUNS:
-        pytest.skip("no CUDA device and TRITON_INTERPRET is not set")
-    seeds, pos = _noise_inputs()
-    full = ops.seeded_exponential_noise(seeds, pos, 4, 64, backend=backend)
-    for i in range(len(seeds)):
-        alone = ops.seeded_exponential_noise(seeds[i:i + 1], pos[i:i + 1], 4, 64, backend=backend)
-        assert torch.equal(alone[0], full[i])
-    perm = torch.tensor([3, 0, 5, 1, 4, 2], device=DEV)
-    assert torch.equal(ops.seeded_exponential_noise(seeds[perm], pos[perm], 4, 64, backend=backend),
-                       full[perm])
-    # noise[b, j, c] does not depend on the tensor's depth or width.
-    assert torch.equal(ops.seeded_exponential_noise(seeds, pos, 2, 16, backend=backend),
-                       full[:, :2, :16])
-    deeper = ops.seeded_exponential_noise(seeds, pos, 7, 128, backend=backend)
-    assert torch.equal(deeper[:, :4, :64], full)
-    # Rows 1 and 5 differ only in the seed; seed 7 at positions 5 and 6 differ.
-    assert not torch.equal(full[1], full[5])
-    other_pos = ops.seeded_exponential_noise(seeds[1:2], pos[1:2] + 1, 4, 64, backend=backend)
-    assert not torch.equal(other_pos[0], full[1])
-    # The same (seed, position) in two rows: identical rows; draws differ.
-    twin = ops.seeded_exponential_noise(seeds[[1, 1]], pos[[1, 1]], 4, 64, backend=backend)
-    assert torch.equal(twin[0], twin[1]) and torch.equal(twin[0], full[1])
-    assert not torch.equal(full[1, 0], full[1, 1])
-
-
-def test_noise_rejects_bad_arguments():
-    s = torch.zeros(3, dtype=torch.int64)
-    with pytest.raises(ValueError):
-        ops.seeded_exponential_noise(s, torch.zeros(2, dtype=torch.int64), 1, 4)
-    with pytest.raises(ValueError):
-        ops.seeded_exponential_noise(s, s.float(), 1, 4)
-    with pytest.raises(ValueError):
-        ops.seeded_exponential_noise(s, s, 1, contract.NOISE_OFFSET_STRIDE + 1)
-    with pytest.raises(ValueError):
-        ops.seeded_exponential_noise(s, s, 1, 4, backend="cuda")
-    assert ops.seeded_exponential_noise(s[:0], s[:0], 5, 128).shape == (0, 5, 128)
 
 
 # ============================================================================
 # mrv2.py without vLLM's MRV2 classes
 # ============================================================================
-def test_importing_mrv2_imports_no_mrv2_module_of_vllm():
-    code = ("import sys, entropix_vllm.integration.mrv2 as m\n"
-            "print(sorted(x for x in sys.modules if x.startswith('vllm.v1.worker.gpu')))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+def test_registering_imports_no_sampler_module():
+    """The sampler modules are imported only when a runner of an Entropix
+    engine builds one, not by ``register`` (which patches the runners)."""
+    code = ("import sys\n"
+            "from entropix_vllm.integration import plugin\n"
+            "assert plugin.register()\n"
+            "print(sorted(x for x in sys.modules if x.startswith("
+            "'entropix_vllm.integration.mrv')))")
+    r = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
+                       timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "[]"
-
-
-def test_sampler_class_refuses_an_unknown_sampler_signature():
-    from entropix_vllm.integration import mrv2
-
-    class OtherSampler:  # a Sampler whose sample() lacks pos / input_ids
-        def sample(self, logits, idx_mapping, idx_mapping_np):
-            raise AssertionError("not called")
-
-    with pytest.raises(RuntimeError, match="'pos'.*'input_ids'.*apply_sampling_params"):
-        mrv2._make_sampler_class(OtherSampler)
 
 
 # ============================================================================
@@ -322,9 +155,14 @@ if IN_CHILD:
         from vllm.v1.worker.gpu.sample.sampler import Sampler
         from vllm.v1.worker.gpu.states import RequestState
 
+        from vllm.v1.sample.sampler import Sampler as SamplerV1
+        from vllm.v1.utils import CpuGpuBuffer
+        from vllm.v1.worker.gpu_input_batch import CachedRequestState
+        from vllm.v1.worker.gpu_input_batch import InputBatch as InputBatchV1
+
         from entropix_vllm import step
-        from entropix_vllm.config import K_MAX
-        from entropix_vllm.integration import attention, mrv2
+        from entropix_vllm.contract import K_MAX
+        from entropix_vllm.integration import attention, mrv1, mrv2, patches
         from entropix_vllm.integration.runtime import EntropixRuntime
         from entropix_vllm.reference import ARGMAX, INSERT_COT, AttnStats
     except Exception as e:  # named in the skip reason of every child test
@@ -341,6 +179,40 @@ def _stub_vllm_config(entropix: dict):
                            model_config=SimpleNamespace(get_vocab_size=lambda: V))
 
 
+class NoiseReference:
+    """The noise policy, stated independently of ``rows.py``: the default
+    generator draws ``[B, N, K_MAX]`` for the step (N: the deepest Entropix row),
+    then each seeded Entropix row whose sample produces a token overwrites its
+    first ``n_draws`` draws from a generator seeded with its seed."""
+
+    def __init__(self):
+        self.gens = {}
+        self.n_draws = {}
+        self.state = None
+
+    def add(self, rid, row, seed):
+        if row.enabled:
+            self.n_draws[rid] = max(1, row.n_draws)
+            if seed is not None:
+                self.gens[rid] = torch.Generator(device=DEV).manual_seed(seed)
+
+    def before_step(self):
+        self.state = (torch.cuda.get_rng_state() if HAS_CUDA else torch.get_rng_state())
+
+    def noise(self, rids, produces=None):
+        produces = produces if produces is not None else [True] * len(rids)
+        N = max((self.n_draws[r] for r in rids if r in self.n_draws), default=1)
+        if HAS_CUDA:
+            torch.cuda.set_rng_state(self.state)
+        else:
+            torch.set_rng_state(self.state)
+        out = torch.empty(len(rids), N, K_MAX, device=DEV).exponential_()
+        for i, r in enumerate(rids):
+            if r in self.gens and produces[i]:
+                out[i, :self.n_draws[r]].exponential_(generator=self.gens[r])
+        return out
+
+
 class Harness:
     """A real MRV2 ``RequestState`` + sampler (ours or vLLM's) on ``DEV``."""
 
@@ -349,7 +221,7 @@ class Harness:
         self.rs = RequestState(max_num_reqs=MAX_REQS, max_model_len=64,
                                max_num_batched_tokens=64, num_speculative_steps=0,
                                vocab_size=V, device=DEV)
-        cls = mrv2.sampler_class() if entropix else Sampler
+        cls = mrv2.EntropixSamplerV2 if entropix else Sampler
         self.sampler = cls(VllmConfig(), max_num_reqs=MAX_REQS, vocab_size=V, device=DEV,
                            req_states=self.rs, logprobs_mode=logprobs_mode)
         self.runtime = None
@@ -359,6 +231,8 @@ class Harness:
             self.sampler.bind(None, self.runtime)
         self.prompts = {}
         self.params = {}
+        self.ref = NoiseReference()
+        self.last_noise = None
 
     def add(self, reqs) -> None:
         for rid, prompt, sp in reqs:
@@ -366,6 +240,8 @@ class Harness:
                                 num_computed_tokens=0, max_tokens=16)
             self.sampler.add_request(self.rs.req_id_to_index[rid], sp)
             self.prompts[rid], self.params[rid] = list(prompt), sp
+            if self.runtime is not None:
+                self.ref.add(rid, self.runtime.parse_row(sp), sp.seed)
         self.rs.apply_staged_writes()
         self.sampler.apply_staged_writes()
 
@@ -377,11 +253,15 @@ class Harness:
         idx_np, idx = self.idx(rids)
         pos = torch.as_tensor(pos, dtype=torch.int64, device=DEV)
         ids = torch.as_tensor(input_ids, dtype=torch.int32, device=DEV)
-        return self.sampler.sample(
+        self.ref.before_step()
+        out = self.sampler.sample(
             logits.clone(), expanded_idx_mapping=idx, idx_mapping=idx, idx_mapping_np=idx_np,
             pos=pos, input_ids=ids,
             expanded_local_pos=torch.zeros(len(rids), dtype=torch.int32, device=DEV),
             seq_lens_upper_bound_np=(pos + 1).cpu().numpy(), return_logprobs=return_logprobs)
+        if self.runtime is not None:
+            self.last_noise = self.ref.noise(rids)
+        return out
 
     def input_batch(self, rids, pos, input_ids):
         B = len(rids)
@@ -395,22 +275,70 @@ class Harness:
             seq_lens=(pos + 1).to(torch.int32), seq_lens_cpu_upper_bound=(pos + 1).cpu(),
             logits_indices=torch.arange(B, device=DEV))
 
-    def seeds(self, rids):
-        idx_np, _ = self.idx(rids)
-        return torch.from_numpy(self.sampler.sampling_states.seeds.np[idx_np].copy()).to(DEV)
-
     def expected(self, rids, logits, pos, input_ids, attn=None):
-        """``entropix_step`` on ``logits`` with the rows' settings and (seed, pos) noise."""
-        rows = [self.runtime.row_config(r, self.params[r]) for r in rids]
+        """``entropix_step`` on ``logits`` with the rows' settings and the noise
+        of the last :meth:`sample` call (:class:`NoiseReference`)."""
+        rows = [self.runtime.parse_row(self.params[r]) for r in rids]
         table = torch.tensor([r.coeffs for r in rows], dtype=torch.float64, device=DEV)
         cot = torch.tensor([r.cot_token for r in rows], dtype=torch.int64, device=DEV)
         pos = torch.as_tensor(pos, dtype=torch.int64, device=DEV)
         ids = torch.as_tensor(input_ids, dtype=torch.int64, device=DEV)
         plen = torch.tensor([len(self.prompts[r]) for r in rids], device=DEV)
-        noise = ops.seeded_exponential_noise(self.seeds(rids), pos,
-                                     max(r.n_draws for r in rows if r.enabled), K_MAX)
         return step.entropix_step(logits, attn, table, cot, (pos >= plen) & (ids == cot),
-                                  noise)
+                                  self.last_noise)
+
+
+class _RunnerV1(SimpleNamespace):
+    """The fields of vLLM's MRV1 runner the sampler reads (weak-referenceable)."""
+
+
+class HarnessV1:
+    """MRV1: ``EntropixSamplerV1`` on a real ``InputBatch`` (vLLM's MRV1 rows,
+    generators, sampling metadata) and the runner fields it reads."""
+
+    def __init__(self, engine: dict | None = None):
+        self.ib = InputBatchV1(max_num_reqs=MAX_REQS, max_model_len=64, max_num_batched_tokens=64,
+                               device=DEV, vocab_size=V, block_sizes=[16],
+                               max_num_blocks_per_req=[4])
+        self.runner = _RunnerV1(
+            device=DEV, input_batch=self.ib, requests={},
+            query_start_loc=CpuGpuBuffer(MAX_REQS + 1, dtype=torch.int32, device=DEV,
+                                         pin_memory=False),
+            input_ids=CpuGpuBuffer(64, dtype=torch.int32, device=DEV, pin_memory=False),
+            optimistic_seq_lens_cpu=torch.zeros(MAX_REQS, dtype=torch.int32),
+            discard_request_mask=CpuGpuBuffer(MAX_REQS, dtype=torch.bool, device=DEV,
+                                              pin_memory=False))
+        self.sampler = mrv1.EntropixSamplerV1(logprobs_mode="raw_logprobs")
+        self.runtime = EntropixRuntime(_stub_vllm_config(engine or {"cot_token": COT}),
+                                       tokenizer=None)
+        self.sampler.bind(self.runner, self.runtime)
+
+    def add(self, reqs) -> None:
+        for rid, prompt, sp in reqs:
+            gen = None
+            if sp.seed is not None:   # as vLLM's MRV1 runner makes it
+                gen = torch.Generator(device=DEV)
+                gen.manual_seed(sp.seed)
+            st = CachedRequestState(req_id=rid, prompt_token_ids=list(prompt), mm_features=[],
+                                    sampling_params=sp, generator=gen, block_ids=([],),
+                                    num_computed_tokens=0, output_token_ids=[])
+            self.runner.requests[rid] = st
+            self.ib.add_request(st)
+        self.ib.refresh_metadata()
+
+    def sample(self, rids, logits, pos, input_ids, discard=()):
+        """One decode step of ``rids`` (which must be the batch's rows, in order)."""
+        assert list(self.ib.req_ids) == list(rids), (self.ib.req_ids, rids)
+        B = len(rids)
+        r = self.runner
+        r.query_start_loc.np[:B + 1] = np.arange(B + 1)
+        r.query_start_loc.copy_to_gpu(B + 1)
+        r.input_ids.np[:B] = input_ids
+        r.input_ids.copy_to_gpu(B)
+        r.optimistic_seq_lens_cpu[:B] = torch.as_tensor(pos) + 1
+        r.discard_request_mask.np[:B] = [i in discard for i in range(B)]
+        r.discard_request_mask.copy_to_gpu(B)
+        return self.sampler(logits.clone(), self.ib.sampling_metadata)
 
 
 def _logits(kinds, seed=0):
@@ -456,7 +384,7 @@ class TestMRV2Sampler:
         ss, i1 = h.sampler.sampling_states, h.rs.req_id_to_index["e1"]
         assert (ss.temperature.np[i1], ss.top_k.np[i1], ss.top_p.np[i1], ss.min_p.np[i1]) == (
             1.0, V, 1.0, 0.0)
-        assert ss.seeds.np[i1] == 12 and "add_request" not in vars(ss)
+        assert ss.seeds.np[i1] == 12 and patches.patched(vars(ss)["add_request"])
         kinds = ["peaked", "random", "random", "bimodal", "uniform"]
         for step_no in range(3):
             logits = _logits(kinds, seed=step_no)
@@ -560,6 +488,7 @@ class TestMRV2Sampler:
     def test_seeded_rows_do_not_depend_on_the_batch(self):
         h = Harness()
         h.add([("a", PROMPT, SamplingParams(seed=1234)),
+               ("twin", PROMPT, SamplingParams(seed=1234)),   # a's seed, batched
                ("b", PROMPT, SamplingParams(seed=99)),
                ("c", PROMPT, SamplingParams(seed=5, extra_args={"entropix": False})),
                ("a2", PROMPT, SamplingParams(seed=4321))])
@@ -568,7 +497,7 @@ class TestMRV2Sampler:
             x = _logits(["random"], seed=100 + t)
             alone.append(int(h.sample(["a"], x, [5 + t], [9])[0][0]))
             xb = torch.cat([_logits(["bimodal", "random"], seed=t), x])
-            batched.append(int(h.sample(["b", "c", "a"], xb, [7, 3 + t, 5 + t], [9] * 3)[0][2]))
+            batched.append(int(h.sample(["b", "c", "twin"], xb, [7, 3 + t, 5 + t], [9] * 3)[0][2]))
             other.append(int(h.sample(["a2"], x, [5 + t], [9])[0][0]))
         assert alone == batched
         assert alone != other  # the seed decides the draws
@@ -583,11 +512,13 @@ class TestMRV2Sampler:
                                                  allowed_token_ids=list(range(0, V, 2))))])
             rids = ["e0", "s1", "e2"]
             logits = _logits(["random", "random", "random"], seed=3)
+            _, processed = h.sample(rids, logits, [6, 6, 6], [9, 9, 9], return_logprobs=True)
+            h.ref.before_step()
             out = h.sampler(logits.clone(), h.input_batch(rids, [6, 6, 6], [9, 9, 9]))
+            h.last_noise = h.ref.noise(rids)
             sampled = out.sampled_token_ids[:, 0]
             lp = out.logprobs_tensors
             assert torch.equal(lp.logprob_token_ids[:, 0].long(), sampled)
-            _, processed = h.sample(rids, logits, [6, 6, 6], [9, 9, 9], return_logprobs=True)
             base = logits if mode == "raw_logprobs" else processed
             ref = torch.log_softmax(base.float(), dim=-1).gather(1, sampled[:, None])[:, 0]
             assert torch.allclose(lp.logprobs[:, 0], ref, atol=1e-5)
@@ -632,38 +563,123 @@ class TestMRV2Sampler:
 
         import vllm.v1.worker.gpu.model_runner as runner_mod
 
-        from entropix_vllm.integration import plugin
+        from entropix_vllm.integration import engine
 
-        spec = next(r for r in plugin.RUNNERS if r.name == "MRV2")
+        spec = next(r for r in patches.RUNNERS if r.name == "MRV2")
         assert spec.build_method == "load_model"
-        assert plugin.patch_runner(spec) is True
+        hooks = engine.worker_hooks()
+        assert patches.apply_runner(spec, hooks) is True
         cls = runner_mod.GPUModelRunner
         init, load = cls.__init__, cls.load_model
-        assert plugin.patch_runner(spec) is True
+        assert patches.apply_runner(spec, hooks) is True
         assert cls.__init__ is init and cls.load_model is load          # idempotent
+        assert all(patches.patched(f) for f in (init, load, cls.initialize_kv_cache))
         # This vLLM builds the sampler in load_model through the module-level name.
         src = inspect.getsource(load.__wrapped__)
         assert "self.sampler = Sampler(" in src
-        ours = mrv2.sampler_class()
-        assert spec.sampler_class() is ours
+        ours = patches.sampler_class(spec)
+        assert ours is mrv2.EntropixSamplerV2
         saved = runner_mod.Sampler
-        with plugin.rebound_sampler(runner_mod, ours):
+        with patches.rebound_sampler(runner_mod, ours):
             assert runner_mod.Sampler is ours
         assert runner_mod.Sampler is saved
         with pytest.raises(KeyError):
-            with plugin.rebound_sampler(runner_mod, ours):
+            with patches.rebound_sampler(runner_mod, ours):
                 raise KeyError("build failed")
         assert runner_mod.Sampler is saved
         # A runner whose sampler is not ours (watermarking, custom samplers) is refused.
         stock = Harness(entropix=False).sampler
         runtime = Harness().runtime
         with pytest.raises(RuntimeError, match="instead of its Sampler"):
-            plugin.bind_runner_sampler(SimpleNamespace(sampler=stock), runtime, ours)
-        plugin.bind_runner_sampler(SimpleNamespace(sampler=None), runtime, ours)
+            patches.bind_runner_sampler(SimpleNamespace(sampler=stock), runtime, ours)
+        patches.bind_runner_sampler(SimpleNamespace(sampler=None), runtime, ours)
         mine = Harness().sampler
-        plugin.bind_runner_sampler(SimpleNamespace(sampler=mine), runtime, ours)
+        patches.bind_runner_sampler(SimpleNamespace(sampler=mine), runtime, ours)
         assert mine.runtime is runtime
-        assert isinstance(mine, Sampler) and mrv2.EntropixSamplerV2 is ours
+        assert isinstance(mine, Sampler)
+
+    # -- MRV1 (EntropixSamplerV1 on a real MRV1 InputBatch) ---------------------------
+    def test_mrv1_entropix_rows_equal_entropix_step_and_stock_rows_vllms(self):
+        reqs = [("e0", PROMPT, SamplingParams(seed=31)),
+                ("s1", PROMPT, SamplingParams(temperature=0.8, top_k=40, seed=32,
+                                              extra_args={"entropix": False})),
+                ("e2", PROMPT, SamplingParams(seed=33, extra_args={"entropix_n_adaptive_samples": 3})),
+                ("e3", PROMPT, SamplingParams(seed=34, extra_args={"entropix_cot_token": 9}))]
+        h = HarnessV1()
+        h.add(reqs)
+        ref = NoiseReference()
+        for rid, _, sp in reqs:
+            ref.add(rid, h.runtime.parse_row(sp), sp.seed)
+        # vLLM's own MRV1 sampler on a twin batch: the stock row's tokens
+        stock_ib = InputBatchV1(max_num_reqs=MAX_REQS, max_model_len=64,
+                                max_num_batched_tokens=64, device=DEV, vocab_size=V,
+                                block_sizes=[16], max_num_blocks_per_req=[4])
+        for rid, prompt, sp in reqs:
+            g = torch.Generator(device=DEV)
+            g.manual_seed(sp.seed)
+            stock_ib.add_request(CachedRequestState(
+                req_id=rid, prompt_token_ids=list(prompt), mm_features=[], sampling_params=sp,
+                generator=g, block_ids=([],), num_computed_tokens=0, output_token_ids=[]))
+        stock_ib.refresh_metadata()
+        stock = SamplerV1(logprobs_mode="raw_logprobs")
+        rids = [r for r, _, _ in reqs]
+        for t in range(4):
+            logits = _logits(["random", "random", "bimodal", "uniform"], seed=50 + t)
+            pos, ids = [5 + t] * 4, [9, 9, 9, COT if t else 9]
+            ref.before_step()
+            out = h.sample(rids, logits, pos, ids)
+            noise = ref.noise(rids)
+            tokens = out.sampled_token_ids[:, 0]
+            rows = [h.runtime.parse_row(sp) for _, _, sp in reqs]
+            table = torch.tensor([r.coeffs for r in rows], dtype=torch.float64, device=DEV)
+            cot = torch.tensor([r.cot_token for r in rows], dtype=torch.int64, device=DEV)
+            # the previous token is generated (position past the prompt) and the CoT token
+            prev = (torch.tensor(pos, device=DEV) >= len(PROMPT)) & (
+                torch.tensor(ids, device=DEV) == cot)
+            exp = step.entropix_step(logits, None, table, cot, prev, noise)
+            assert torch.equal(tokens[[0, 2, 3]].long(), exp.tokens[[0, 2, 3]]), (t, tokens,
+                                                                                 exp.tokens)
+            want = stock(logits.clone(), stock_ib.sampling_metadata).sampled_token_ids[:, 0]
+            assert int(tokens[1]) == int(want[1])
+
+    def test_mrv1_discarded_sample_moves_no_generator(self):
+        h = HarnessV1()
+        h.add([("chunk", PROMPT, SamplingParams(seed=7)),
+               ("s", PROMPT, SamplingParams(seed=8, extra_args={"entropix": False}))])
+        gens = [h.runner.requests[r].generator for r in ("chunk", "s")]
+        before = [g.get_state() for g in gens]
+        h.sample(["chunk", "s"], _logits(["random", "random"], seed=1), [2, 2], [9, 9],
+                 discard=(0, 1))
+        assert all(torch.equal(g.get_state(), b) for g, b in zip(gens, before))
+        h.sample(["chunk", "s"], _logits(["random", "random"], seed=2), [5, 5], [9, 9])
+        assert not any(torch.equal(g.get_state(), b) for g, b in zip(gens, before))
+
+    # -- both runners ------------------------------------------------------------------
+    def test_same_seed_same_tokens_on_both_runners(self):
+        reqs = [("a", PROMPT, SamplingParams(seed=101)),
+                ("b", PROMPT, SamplingParams(temperature=0.3, seed=102,
+                                             extra_args={"entropix_n_adaptive_samples": 4})),
+                ("stock", PROMPT, SamplingParams(seed=103, extra_args={"entropix": False})),
+                ("c", [1, 2, 3, 4, 5, 6, 7, 8], SamplingParams(seed=104)),   # chunked prefill
+                ("d", PROMPT, SamplingParams(seed=105, extra_args={"entropix_top_k": 5}))]
+        v1, v2 = HarnessV1(), Harness()
+        v1.add(reqs)
+        v2.add(reqs)
+        rids = [r for r, _, _ in reqs]
+        got1, got2 = [], []
+        kinds = ["random", "bimodal", "random", "random", "uniform"]
+        for t in range(6):
+            logits = _logits(kinds, seed=200 + t)
+            # "c": its first step is a chunk of its prefill (position 3 of 8): no token
+            pos = [5 + t, 5 + t, 5 + t, 3 if t == 0 else 7 + t, 5 + t]
+            ids = [9, COT if t % 2 else 9, 9, 9, COT]
+            a = v1.sample(rids, logits, pos, ids, discard=(3,) if t == 0 else ()).sampled_token_ids[:, 0]
+            b = v2.sample(rids, logits, pos, ids)[0]
+            keep = [0, 1, 4] + ([] if t == 0 else [3])
+            got1.append(a[keep].tolist())
+            got2.append(b[keep].tolist())
+        assert got1 == got2
+        assert len({tuple(x) for x in got1}) > 1     # the rows moved: not a constant
 
 
 if not IN_CHILD:

@@ -7,7 +7,7 @@ process it starts, and logs each process and each lookup of a Triton module
 with its calling stack.
 
 * An Entropix step on CPU tensors (logit statistics, attention figures from a
-  paged cache, seeded noise, the decision and draw) with the ``"auto"``
+  paged cache, the decision and draw) with the ``"auto"``
   backends: the C++ ops, the same tokens as the torch backend, no Triton
   kernel module imported, no lookup of Triton made by this package's code
   (the blocker sees the script's own ``import triton``, and the test checks
@@ -78,7 +78,7 @@ STEP = textwrap.dedent('''
     table = torch.randperm(12, generator=g)[:B * 2].view(B, 2)
     seq_lens = torch.tensor([5, 17, 32, 1, 20, 9])
     attn = ops.paged_attention_stats(q, cache, table, seq_lens, D ** -0.5)
-    noise = ops.seeded_exponential_noise(torch.arange(B) * 7 - 3, torch.full((B,), 11), 5)
+    noise = torch.empty(B, 5, 128).exponential_(generator=g)
     coeffs = step.coefficient_table([EntropixConfig(), EntropixConfig(top_k=40)] * 3)
     cot, prev = torch.full((B,), 7), torch.zeros(B, dtype=torch.bool)
     got = step.entropix_step(logits, attn, coeffs, cot, prev, noise)
@@ -102,7 +102,7 @@ def test_entropix_step_without_triton(tmp_path):
     tokens = json.loads(out["TOKENS"])
     assert len(tokens) == 6 and all(0 <= t < 4099 for t in tokens)
     assert out["BACKENDS"] == ("logit_stats=cpp, sample_candidates=cpp, decide_and_sample=cpp, "
-                               "seeded_noise=torch, paged_attention_stats=cpp")
+                               "paged_attention_stats=cpp")
     assert out["TRITON_MODULES"] == "[]"
     starts, lookups, ours = _read_log(log)
     assert len(starts) == 1 and lookups                 # the blocker ran and was asked
@@ -185,7 +185,7 @@ def test_vllm_serve_entropix_without_triton(server):
     # Triton and none of this package's code looked for it.
     text = Path(s.log_path).read_text(errors="replace")
     assert ("Entropix ops on cpu: logit_stats=cpp, sample_candidates=cpp, "
-            "decide_and_sample=cpp, seeded_noise=torch, paged_attention_stats=cpp") in text
+            "decide_and_sample=cpp, paged_attention_stats=cpp") in text
     starts, lookups, ours = _read_log(server["log"])
     pids = {r["pid"] for r in starts}
     assert len(pids) >= 3, starts          # API server, engine core, worker

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from entropix_vllm import ops, reference, step
-from entropix_vllm.config import K_MAX, EntropixConfig
+from entropix_vllm.config import EntropixConfig
+from entropix_vllm.contract import K_MAX
 from entropix_vllm.reference import ADAPTIVE, ARGMAX, EXPLORE, INSERT_COT, RESAMPLE, AttnStats
 
 BACKENDS = ["torch"] + (["cpp"] if ops.cpp_available() else [])

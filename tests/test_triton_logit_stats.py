@@ -36,7 +36,7 @@ if not CUDA:
 pytest.importorskip("triton")
 
 from entropix_vllm import reference  # noqa: E402
-from entropix_vllm.config import K_MAX  # noqa: E402
+from entropix_vllm.contract import K_MAX  # noqa: E402
 from entropix_vllm.triton_kernels import logit_stats as tk  # noqa: E402
 
 if not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):

@@ -5,14 +5,12 @@ of that name that vLLM imports).
 Triton kernels of entropix-vllm (GPU; CPU tensors under ``TRITON_INTERPRET=1``).
 
 These modules import torch, triton and, of this package, only
-``entropix_vllm.contract`` (result types, branch codes, column layout, clamps,
-noise constants); they know nothing of vLLM (``tests/test_imports.py``). Entry
+``entropix_vllm.contract`` (result types, branch codes, column layout, clamps); they know nothing of vLLM (``tests/test_imports.py``). Entry
 points, each the ``"triton"`` implementation of one op of ``entropix_vllm.ops``:
 
 * :func:`entropix_vllm.triton_kernels.logit_stats.fused_logit_stats`
 * :func:`entropix_vllm.triton_kernels.candidate_sampling.sample_candidates`
 * :func:`entropix_vllm.triton_kernels.entropix_decide.decide_and_sample`
-* :func:`entropix_vllm.triton_kernels.seeded_noise.seeded_exponential_noise`
 * :func:`entropix_vllm.triton_kernels.attn_stats.paged_attention_stats`
 
 ``launch.py`` holds what the launchers share: the device a plan is made for

@@ -33,7 +33,7 @@ import torch
 
 from ..contract import K_MAX
 from ..device import copy_to_device, to_device
-from ..step import COEFF_NAMES
+from ..config import COEFF_NAMES
 
 
 @dataclass
@@ -41,7 +41,7 @@ class RowConfig:
     """One request's effective Entropix settings."""
 
     enabled: bool
-    coeffs: list          # values in step.COEFF_NAMES order
+    coeffs: list          # values in config.COEFF_NAMES order
     cot_token: int        # -1: none
     n_draws: int          # noise depth this request consumes per step
 
