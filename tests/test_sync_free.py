@@ -116,3 +116,33 @@ def test_no_host_sync_in_the_entropix_path(audited_run):
     print(f"\n{len(calls)} audited calls, {audit.ops} aten ops; plugin syncs: 0; "
           f"vLLM's own (stock rows): {len(audit.theirs())}; to_device copies: "
           f"{audit.door_copies}")
+
+
+@pytest.mark.skipif(not __import__("entropix_vllm.ops", fromlist=["x"]).triton_available(),
+                    reason="needs Triton (the interpreter on CPU)")
+def test_no_host_sync_in_the_triton_step():
+    """The GPU path's launchers (logit statistics + candidates, the fused
+    decision) called through the step: no sync from the project's Python (the
+    interpreter's own work to run a kernel on CPU is not counted)."""
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET is not set")
+    from entropix_vllm import step
+    from entropix_vllm.config import EntropixConfig
+    from entropix_vllm.contract import K_MAX, AttnStats
+
+    g = torch.Generator().manual_seed(0)
+    B, V = 5, 3000
+    logits = torch.randn(B, V, generator=g) * 3
+    table = step.coefficient_table([EntropixConfig(), EntropixConfig(top_k=9)] * 2
+                                   + [EntropixConfig()])
+    attn = AttnStats(*(torch.rand(B, generator=g) for _ in range(4)))
+    cot, prev = torch.full((B,), 11), torch.zeros(B, dtype=torch.bool)
+    noise = torch.empty(B, 3, K_MAX).exponential_(generator=g)
+    step.entropix_step(logits, attn, table, cot, prev, noise, backend="triton")  # warm (plans)
+    with SyncAudit() as audit:
+        got = step.entropix_step(logits, attn, table, cot, prev, noise, backend="triton")
+    assert audit.ours() == [], [str(e) for e in audit.ours()]
+    want = step.entropix_step(logits, attn, table, cot, prev, noise, backend="torch")
+    assert torch.equal(got.tokens, want.tokens)
