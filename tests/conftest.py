@@ -23,3 +23,22 @@ except ImportError:
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Test modules live in layer folders (reference/, kernels/, integration/, e2e/);
+# the shared helpers (e2e_server, tiny_model, sync_audit, ...) stay here.
+TESTS = os.path.dirname(os.path.abspath(__file__))
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
+
+#: Markers by folder (pyproject.toml registers them): ``-m "not e2e"`` is the
+#: fast selection; ``slow`` marks what takes minutes (parallel engines, tuning).
+_FOLDER_MARKS = {"e2e": ("e2e",)}
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    for item in items:
+        parts = os.path.relpath(str(item.fspath), TESTS).split(os.sep)
+        for mark in _FOLDER_MARKS.get(parts[0], ()):
+            item.add_marker(getattr(pytest.mark, mark))
