@@ -36,7 +36,7 @@ requests = pytest.importorskip("requests")
 
 from entropix_vllm import bundled  # noqa: E402
 from entropix_vllm.config import EntropixConfig, builtin_presets  # noqa: E402
-from entropix_vllm.trace import read_trace, recompute_branches  # noqa: E402
+from entropix_vllm.report.reader import read_trace, recompute_branches  # noqa: E402
 
 from e2e_server import (ServerSpec, ServerStartError, log_tail, start_servers,  # noqa: E402
                         stop_all, vllm_executable)

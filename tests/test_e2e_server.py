@@ -37,7 +37,7 @@ requests = pytest.importorskip("requests")
 
 from entropix_vllm import bundled  # noqa: E402
 from entropix_vllm.config import EntropixConfig, parse_request_args  # noqa: E402
-from entropix_vllm.trace import read_trace, recompute_branches  # noqa: E402
+from entropix_vllm.report.reader import read_trace, recompute_branches  # noqa: E402
 
 from e2e_server import (ENTROPIX_TRACE_PATH, ServerSpec, ServerStartError, log_tail,  # noqa: E402
                         start_servers, stop_all, vllm_executable)
@@ -266,7 +266,7 @@ _TRACE = {"offset": 0, "copy": None}
 
 def read_this_runs_trace():
     """The records appended to TRACE_PATH since the servers started, read with the
-    project's own reader (``entropix_vllm.trace.read_trace``) from a copy of
+    project's own reader (``entropix_vllm.report.reader.read_trace``) from a copy of
     those complete lines."""
     if not os.path.exists(TRACE_PATH):
         return []

@@ -164,7 +164,7 @@ def test_vllm_serve_entropix_without_triton(server):
     # Entropix chose them: the trace has one record per generated token of this response.
     import time
 
-    from entropix_vllm.trace import read_trace
+    from entropix_vllm.report.reader import read_trace
     want = data["usage"]["completion_tokens"]
     mine = []
     for _ in range(50):     # the trace writer is asynchronous

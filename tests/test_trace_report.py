@@ -23,8 +23,8 @@ import torch
 from entropix_vllm import report
 from entropix_vllm.config import EntropixConfig
 from entropix_vllm.reference import BRANCH_NAMES, select_branch
-from entropix_vllm.trace import (RECORD_FIELDS, TENSOR_FIELDS, TraceFormatError, TraceWriter,
-                                 read_trace, recompute_branches)
+from entropix_vllm.report.reader import TraceFormatError, read_trace, recompute_branches
+from entropix_vllm.trace import RECORD_FIELDS, TENSOR_FIELDS, TraceWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = EntropixConfig()

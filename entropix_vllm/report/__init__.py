@@ -1,4 +1,5 @@
-"""Summarise an Entropix trace file (see :mod:`entropix_vllm.trace`).
+"""Summarise an Entropix trace file (format: :mod:`entropix_vllm.trace`; read by
+:mod:`entropix_vllm.report.reader`).
 
 Usage::
 
@@ -28,10 +29,10 @@ import sys
 from collections import Counter
 from typing import Optional, Sequence
 
-from .config import (EntropixConfig, EntropixConfigError, builtin_presets, load_preset_file,
+from ..config import (EntropixConfig, EntropixConfigError, builtin_presets, load_preset_file,
                      looks_like_path)
-from .reference import BRANCH_NAMES
-from .trace import TraceFormatError, read_trace, recompute_branches
+from ..reference import BRANCH_NAMES
+from .reader import TraceFormatError, read_trace, recompute_branches
 
 # One colour per branch (matplotlib's tab10), in BRANCH_NAMES order.
 BRANCH_COLOURS = ("#1f77b4", "#9467bd", "#2ca02c", "#d62728", "#ff7f0e")
@@ -239,6 +240,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
