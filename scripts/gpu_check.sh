@@ -5,39 +5,47 @@
 # each time-boxed, inside one budget; results to $OUT (the device tool's folder).
 #
 # Before the call, here (CPU):    bash scripts/gpu_kit.sh          # -> .gpukit (git-ignored)
-# The call (the device tool `run`):
+# The call (the device tool `run`), ~9 minutes plus the machine's start:
 #     command:   GPU_CHECK_COMMIT=<git rev-parse --short HEAD> bash scripts/gpu_check.sh
 #     carry:     [".gpukit"]
 #     timeout_s: 600           (the script ends itself within GPU_CHECK_BUDGET_S, 540 s)
-#   --quick: about 4 minutes (timeout_s 300): fewer engines, concurrency 1 and 64, no benchmarks.
+#   If `status` shows less than ~13 minutes of device time left, prefix the command with
+#   GPU_CHECK_BUDGET_S=<budget_left_s - 240> (the machine's start counts against it too);
+#   everything in $OUT is rewritten after every job, so a kill keeps what was measured.
+#   --quick: about 4 minutes (timeout_s 300): 7 engines, concurrency 1/64/256 on the
+#   acceptance engines only, shorter profile, no benchmarks.
 #
 #   bash scripts/gpu_check.sh [--quick] [--budget S] [--stages LIST] [--cpu-rehearsal]
 #   bash scripts/gpu_check.sh tests|bench|kernels   # the old checks: Triton tests and/or kernel
 #                                                    # benchmarks, no vLLM, no kit needed
+#   python3 scripts/gpukit/check.py --mode full|quick|cpu --plan   # the engines and the jobs
 #
-# Stages (scripts/gpukit/check.py), expected times on the H200 from the kit's first runs
-# (setup 12 s, import stage 19 s, sampler benchmark 63 s, one engine stage 95 s of which
-# the engine's start 35 s):
+# Stages (scripts/gpukit/check.py). Expected times on the H200, from the kit's first runs
+# there (setup 12 s, vLLM import 19 s, sampler benchmark 63 s, one engine 95 s of which its
+# start 35 s) and the plan (not yet run as a whole):
 #   setup      install .gpukit's wheels + the plugin (from this checkout) into /tmp/site, patch
 #              vLLM (scripts/gpukit/device_setup.py, patches.py)                  ~12 s
-#   A (concurrent, ~100-150 s): every engine builds and warms up in its own process; the
-#              platform probe (vLLM on CUDA, plugin found, probe ok); the Triton kernel tests
+#   A (concurrent, ~100-180 s): every engine builds and warms up in its own process group
+#              (each concurrency it will be timed at, twice); the platform probe (vLLM on
+#              CUDA, plugin found by vLLM's loader, probe ok); the Triton kernel tests
 #              (tests/test_triton_logit_stats.py, test_candidate_sampling.py, test_decide.py,
 #              test_triton_attn_stats.py and any tests/test_*launch*|*recompil*|*graph*.py;
-#              pytest -x, boxed at 150 s)
+#              pytest -x -n 4 --timeout 120, the whole run boxed at 120 s); engines not ready
+#              within 240 s are killed (FAIL, with vLLM's root cause from the engine's log)
 #   engines:   plain (VLLM_PLUGINS=""), off (plugin, sampler off), ent (Entropix, MRV1),
-#              ent2 (MRV2), g1 / goff / g2 (full CUDA graphs: compilation mode NONE,
-#              cudagraph_mode FULL_DECODE_ONLY, sizes 1/64/256), lent / lent2 / lg1 (the
-#              Llama-3-8B shape, token-id prompts), prof (engine core in-process, trace on);
-#              SmolLM2-135M shape unless "l"; bf16, dummy weights, TRITON_ATTN, native ops
-#   B (~200-250 s): timed generate() calls, one at a time: Entropix rows and stock rows
+#              ent2 (MRV2), entd (runner left to vLLM/plugin), g1 / goff / g2 (full CUDA
+#              graphs: compilation mode NONE, cudagraph_mode FULL_DECODE_ONLY, sizes 1/64/256),
+#              lent / lent2 / lg1 (the Llama-3-8B shape, token-id prompts, cot_token 2564),
+#              prof (engine core in-process, trace on); SmolLM2-135M shape unless "l"; bf16,
+#              dummy weights, TRITON_ATTN, native ops, a fixed KV cache (1 / 5 GiB)
+#   B (~250 s): timed generate() calls, one at a time: Entropix rows and stock rows
 #              (extra_args {"entropix": false}) of one engine back to back, alternating order;
 #              off vs plain alternately; then in prof: torch.profiler over 16 decode steps
 #              of 64 requests (Entropix rows, then stock rows: top CPU/GPU costs, syncs and
 #              copies per step), torch.cuda.set_sync_debug_mode("warn") over 8 steps (a second
 #              sync count, with where), Triton compiles while a batch shrinks 64 -> 1.
 #              Acceptance jobs first, coverage after; what does not fit is skipped, saying so
-#   C (~110 s): engines stopped; bench_sampler (--device cuda, batch 1/64/256, vocab
+#   C (~100 s): engines stopped; bench_sampler (--device cuda, batch 1/64/256, vocab
 #              128256, top-k/top-p and temperature only), bench_logit_stats, bench_attn_stats
 #              (trimmed shapes), as long as the budget lasts
 #
@@ -49,10 +57,12 @@
 #
 # Environment: GPU_CHECK_BUDGET_S (default 540; 230 with --quick; 900 for the rehearsal),
 # GPU_CHECK_COMMIT (recorded: the device copy has no .git), PYTHON (default python3),
-# GPUKIT_SITE (default /tmp/site), OUT (default ./gpu_out).
+# GPUKIT_SITE (default /tmp/site), OUT (default ./gpu_out), GPUCHECK_WORK (engine logs,
+# traces; default /tmp/gpucheck_work).
 #
 # Without a GPU (here): bash scripts/gpu_check.sh --cpu-rehearsal runs the same orchestration
-# with the CPU vLLM of .venv and the bundled model (a few minutes on 2 cores); tests/
+# with the CPU vLLM of .venv and the bundled model (real weights, fp32, concurrency 1 and 4,
+# no graphs; MRV2 refused by vLLM: SKIP; 4-7 minutes on 2 shared cores); tests/
 # test_gpu_kit.py runs it. If .gpukit is missing or its setup fails on the device, the
 # check falls back to the old kernel-only stages (tests, bench_logit_stats, bench_attn_stats).
 set -uo pipefail

@@ -157,7 +157,8 @@ def make_plan(mode: str, kit: str, work: str):
             "inproc": inproc, "spec": spec, "env": env})
 
     eng("plain", "no plugin (VLLM_PLUGINS=\"\")", "smol", plugin=False, concs=(cmid,))
-    eng("off", "plugin loaded, sampler off", "smol", concs=(cmid,))
+    if not cpu:  # the CPU rehearsal keeps to three engines on its small shared machine
+        eng("off", "plugin loaded, sampler off", "smol", concs=(cmid,))
     if cpu:
         eng("ent", "Entropix, MRV1, eager; token-id prompts (the Llama shape's path)", "tok",
             entropix=True, concs=(c1, cmid))
@@ -210,6 +211,8 @@ def make_plan(mode: str, kit: str, work: str):
     pair("lent", chigh, 0)
     pair("ent", cmid, 0)
     cross("plain", "off", cmid, 0)
+    if cpu:  # the cross-engine path: no plugin vs an Entropix engine's stock rows, alternately
+        cross("plain", "ent", cmid, 0, modes=("plain", "stock"))
     pair("ent2", cmid, 0)
     pair("g1", c1, 0)
     cross("g1", "goff", c1, 0, modes=("entropix", "plain"))
@@ -226,6 +229,8 @@ def make_plan(mode: str, kit: str, work: str):
     pair("lent", chigh, 1)
     pair("ent", cmid, 1)
     cross("plain", "off", cmid, 1)
+    if cpu:
+        cross("plain", "ent", cmid, 1, modes=("plain", "stock"))
     pair("ent2", cmid, 1)
     pair("g1", c1, 1)
     cross("g1", "goff", c1, 1, modes=("entropix", "plain"))
@@ -251,7 +256,8 @@ def make_plan(mode: str, kit: str, work: str):
     pair("lg1", cmid, 0, prio="cover")
     pair("lent", c1, 0, prio="cover")
     pair("entd", cmid, 0, prio="cover")
-    pair("ent", c1, 1, prio="cover")
+    if not cpu:
+        pair("ent", c1, 1, prio="cover")
     pair("g2", c1, 1, prio="cover")
     pair("lg1", c1, 1, prio="cover")
     return engines, jobs
@@ -483,15 +489,25 @@ try:
     res["is_cpu"] = bool(current_platform.is_cpu())
     from vllm.plugins import load_plugins_by_group
     res["general_plugins"] = sorted(load_plugins_by_group("vllm.general_plugins"))
-    from entropix_vllm.integration import vllm_api, plugin
-    p = vllm_api.probe()
+    import importlib
+    from entropix_vllm.integration import plugin
+    # the start-up probe (vllm_source.probe; vllm_api.probe before the #18 redesign)
+    for mod in ("entropix_vllm.integration.vllm_source", "entropix_vllm.integration.vllm_api"):
+        try:
+            probe = getattr(importlib.import_module(mod), "probe")
+            break
+        except (ImportError, AttributeError):
+            probe = None
+    if probe is None:
+        raise RuntimeError("no probe() in entropix_vllm.integration.vllm_source or vllm_api")
+    p = probe()
+    res["probe"] = f"{probe.__module__}.probe"
     res["probe_ok"], res["probe_problems"] = p.ok, list(p.problems)[:5]
     res["plugin_active"] = bool(plugin.register())
     import entropix_vllm
     res["entropix_file"] = entropix_vllm.__file__
     mods = ["vllm.v1.worker.gpu_model_runner", "vllm.v1.attention.backends.triton_attn",
             "vllm.v1.sample.sampler"] + (["vllm.v1.worker.gpu.model_runner"] if res["is_cuda"] else [])
-    import importlib
     for m in mods:
         importlib.import_module(m)
     res["imported"] = mods
@@ -812,8 +828,10 @@ class Check:
                 why = []
                 for eid, _, _ in dict.fromkeys(missing):
                     e = self.by_id(eid)
-                    why.append(f"{eid}: " + (("not on CPU (no Llama shape; its token-id path runs in engine ent)"
-                                              if cpu else "not in this mode's plan") if e is None else
+                    cpu_why = {"lent": "not on CPU (no Llama shape; its token-id path runs in engine ent)",
+                               "off": "not on CPU (three engines there; the cross-engine path runs plain vs ent's stock rows)"}
+                    why.append(f"{eid}: " + ((cpu_why.get(eid, "not on CPU") if cpu else "not in this mode's plan")
+                                             if e is None else
                                              (e.state + (f" ({e.error})" if e.error else "")
                                               if e.state != "ready" else "no successful run (budget or failures)")))
                 v = "SKIP" if all(self.by_id(x[0]) is None for x in missing) else "FAIL"
