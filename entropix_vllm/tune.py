@@ -43,12 +43,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from .config import EntropixConfig, EntropixConfigError
 from .contract import K_MAX
 from .eval import samplers as sampler_mod
-from .eval.__main__ import add_common_args, progress_bar
+from .eval.cli import add_common_args, progress_bar
 from .eval.metrics import summarize
 from .eval.output import table
 from .eval.runner import Client, EvalError, count_requests, run_samplers
@@ -246,7 +246,40 @@ def model_match(model: str, explicit: bool) -> tuple:
     return ident.record(), f"the preset records the model {ident.model} (fingerprint {ident.fingerprint})"
 
 
-def main(argv=None) -> int:
+class TuneError(Exception):
+    """A tuning run cannot go on; the message says why (exit code 2)."""
+
+
+@dataclass
+class TuneRun:
+    """What every step of a tuning run reads."""
+
+    args: argparse.Namespace
+    client: Client
+    dev: list
+    held: list
+    command: str
+
+    def log(self, *a) -> None:
+        print(*a, file=sys.stderr, flush=True)
+
+    def requests(self, items, samplers, *, desc: str, total: int, seeds: int, vote: int,
+                 seed_base: int, **kw) -> list:
+        """``run_samplers`` with a progress bar; a server error is a :class:`TuneError`."""
+        a = self.args
+        bar = progress_bar(total, desc, a.no_progress)
+        try:
+            return run_samplers(self.client, items, samplers, seeds=seeds, vote=vote,
+                                seed_base=seed_base, progress=bar.update,
+                                max_tokens=a.max_tokens, concurrency=a.concurrency,
+                                logprobs=not a.no_logprobs, trace_path=a.trace, **kw)
+        except EvalError as e:
+            raise TuneError(str(e)) from None
+        finally:
+            bar.close()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m entropix_vllm.tune", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap)
@@ -275,136 +308,147 @@ def main(argv=None) -> int:
                     help="the served model's folder, recorded as the preset's match so that "
                          "`preset: auto` picks it (default: the server's model, if it is a "
                          "local folder)")
-    args = ap.parse_args(argv)
-    command = " ".join(["python -m entropix_vllm.tune"] + list(sys.argv[1:] if argv is None else argv))
+    return ap.parse_args(argv)
 
+
+def open_run(args, command: str) -> TuneRun:
+    """The tasks (dev and held-out disjoint) and the server (running Entropix)."""
+    if args.trace is None:
+        raise TuneError("--trace FILE (the server's trace_path) is required: the calibration "
+                        "and the sampled-branch share are read from it")
     try:
-        if args.trace is None:
-            raise ValueError("--trace FILE (the server's trace_path) is required: the calibration "
-                             "and the sampled-branch share are read from it")
         dev = load_tasks(args.tasks, args.scorer)
         held = load_tasks(args.heldout, args.scorer)
-        overlap = {it.question for it in dev} & {it.question for it in held}
-        if overlap:
-            raise ValueError(f"{len(overlap)} held-out questions are also dev questions, e.g. "
-                             f"{sorted(overlap)[0]!r}")
         client = Client(args.base_url, args.model)
-        if not client.entropix_server:
-            raise EvalError(f"{client.base_url} does not run the Entropix sampler")
-        match, match_note = model_match(args.model_dir or client.model, args.model_dir is not None)
-    except ModelIdError as e:
-        print(f"error: --model-dir {args.model_dir}: cannot identify the model: {e}", file=sys.stderr)
-        return 2
     except (TaskFileError, EvalError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise TuneError(str(e)) from None
+    overlap = {it.question for it in dev} & {it.question for it in held}
+    if overlap:
+        raise TuneError(f"{len(overlap)} held-out questions are also dev questions, e.g. "
+                        f"{sorted(overlap)[0]!r}")
+    if not client.entropix_server:
+        raise TuneError(f"{client.base_url} does not run the Entropix sampler")
+    return TuneRun(args, client, dev, held, command)
 
-    common = dict(max_tokens=args.max_tokens, concurrency=args.concurrency,
-                  logprobs=not args.no_logprobs, trace_path=args.trace)
-    log = lambda *a: print(*a, file=sys.stderr, flush=True)   # noqa: E731
-    started = datetime.datetime.now(datetime.timezone.utc)
-    t_start = time.perf_counter()
-    rounds_log = []
 
-    # 1. calibration -----------------------------------------------------------
+def calibrate(run: TuneRun) -> Tuple[Calibration, float]:
+    """Step 1: the dev prompts on the greedy path through Entropix; the model's
+    entropy and varentropy there, and the seconds one request took."""
     probe = sampler_mod.build("calibration", {"preset": "classic", "low_ent_thresh": OFF,
                                               "low_vent_thresh": OFF})
-    log(f"# 1/3 calibration: {len(dev)} dev prompts on the greedy path through Entropix")
-    bar = progress_bar(len(dev), "calibration", args.no_progress)
+    run.log(f"# 1/3 calibration: {len(run.dev)} dev prompts on the greedy path through Entropix")
     t0 = time.perf_counter()
-    try:
-        [run] = run_samplers(client, dev, [probe], seeds=1, vote=1, seed_base=args.seed,
-                             progress=bar.update, **common)
-    except EvalError as e:
-        bar.close()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    bar.close()
-    per_req = (time.perf_counter() - t0) / max(1, len(dev))
-    if not run.trace:
-        print(f"error: no trace records for the calibration requests in {args.trace}; is it the "
-              "server's trace_path?", file=sys.stderr)
-        return 2
-    cal = Calibration({f: sorted(float(r[f]) for r in run.trace if math.isfinite(float(r[f])))
+    [result] = run.requests(run.dev, [probe], desc="calibration", total=len(run.dev), seeds=1,
+                            vote=1, seed_base=run.args.seed)
+    per_req = (time.perf_counter() - t0) / max(1, len(run.dev))
+    if not result.trace:
+        raise TuneError(f"no trace records for the calibration requests in {run.args.trace}; "
+                        "is it the server's trace_path?")
+    cal = Calibration({f: sorted(float(r[f]) for r in result.trace if math.isfinite(float(r[f])))
                        for f in ("entropy", "varentropy")})
-    log(f"  {len(run.trace)} tokens; entropy {cal.summary()['entropy']}; "
-        f"varentropy {cal.summary()['varentropy']}")
+    run.log(f"  {len(result.trace)} tokens; entropy {cal.summary()['entropy']}; "
+            f"varentropy {cal.summary()['varentropy']}")
+    return cal, per_req
 
-    # 2. search ----------------------------------------------------------------
+
+def final_samplers(run: TuneRun, cal: Calibration, best: "Candidate") -> list:
+    """What the held-out report compares: greedy, the stock samplers, classic,
+    the calibrated thresholds alone, and the tuned preset."""
+    cal_only = sampler_mod.build("calibrated-thresholds", {"preset": "classic", **{
+        k: v for k, v in coefficients(SEED_POINTS[0], cal).items() if k.endswith("_thresh")}})
+    tuned = sampler_mod.build(run.args.name, {"preset": "classic", **best.coeffs})
+    return [sampler_mod.BUILTIN["greedy"], sampler_mod.BUILTIN["t0.7-p0.9"],
+            sampler_mod.BUILTIN["minp0.1"], sampler_mod.BUILTIN["entropix-classic"],
+            cal_only, tuned]
+
+
+@dataclass
+class Search:
+    """Step 2's outcome."""
+
+    candidates: list
+    schedule: list
+    best: "Candidate"
+    best_objective: float
+    rounds: list
+
+
+def halving_schedule(n: int, keep: int) -> list:
+    """Candidates per round: a third survive each round, until ``keep`` remain."""
+    schedule = []
+    while True:
+        schedule.append(n)
+        if n <= keep:
+            return schedule
+        n = max(keep, math.ceil(n / 3))
+
+
+def search(run: TuneRun, cal: Calibration, per_req: float) -> Search:
+    """Step 2: random candidates from :data:`SPACE` and the seed points, by
+    successive halving on the dev split; prints the estimate of the whole run."""
+    a = run.args
     cands = []
-    for i, pt in enumerate(draw_points(max(args.trials, len(SEED_POINTS)), args.search_seed,
+    for i, pt in enumerate(draw_points(max(a.trials, len(SEED_POINTS)), a.search_seed,
                                        SEED_POINTS)):
         try:
             cands.append(Candidate(f"c{i:02d}", pt, coefficients(pt, cal)))
         except EntropixConfigError as e:      # a corner of the space the config refuses
-            log(f"  skipped candidate {i}: {e}")
-    alive = list(cands)
-    schedule = []
-    n = len(alive)
-    while True:
-        schedule.append(n)
-        if n <= args.keep:
-            break
-        n = max(args.keep, math.ceil(n / 3))
-    planned = sum(k * len(dev) * args.dev_vote for k in schedule)
-    final_samplers = 5
-    planned_final = len(held) * (1 + (final_samplers - 1) * args.final_seeds * args.vote)
-    log(f"# 2/3 search: {len(alive)} candidates, rounds of {schedule} on {len(dev)} dev items x "
-        f"{args.dev_vote} samples = {planned} requests; then {planned_final} held-out requests. "
-        f"Estimate at {1 / per_req:.1f} requests/s: "
-        f"{(planned + planned_final) * per_req / 60:.0f} min")
-    bar = progress_bar(planned, "search", args.no_progress)
+            run.log(f"  skipped candidate {i}: {e}")
+    schedule = halving_schedule(len(cands), a.keep)
+    planned = sum(k * len(run.dev) * a.dev_vote for k in schedule)
+    # the held-out step's requests, counted on its own samplers (any candidate stands in)
+    planned_final = count_requests(run.held, final_samplers(run, cal, cands[0]),
+                                   a.final_seeds, a.vote)
+    run.log(f"# 2/3 search: {len(cands)} candidates, rounds of {schedule} on {len(run.dev)} dev "
+            f"items x {a.dev_vote} samples = {planned} requests; then {planned_final} held-out "
+            f"requests. Estimate at {1 / per_req:.1f} requests/s: "
+            f"{(planned + planned_final) * per_req / 60:.0f} min")
+    alive, rounds = list(cands), []
     for r, size in enumerate(schedule):
         alive = alive[:size]
-        try:
-            runs = run_samplers(client, dev, [c.sampler() for c in alive], seeds=1,
-                                vote=args.dev_vote, seed_base=args.seed + 1000 * (r + 1),
-                                interleave=True, progress=bar.update, **common)
-        except EvalError as e:
-            bar.close()
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        for c, run in zip(alive, runs):
-            s = summarize(run, dev, args.dev_vote)
+        results = run.requests(run.dev, [c.sampler() for c in alive], desc=f"search {r + 1}",
+                               total=size * len(run.dev) * a.dev_vote, seeds=1,
+                               vote=a.dev_vote, seed_base=a.seed + 1000 * (r + 1),
+                               interleave=True)
+        for c, result in zip(alive, results):
+            s = summarize(result, run.dev, a.dev_vote)
             c.rounds.append(s)
-            rounds_log.append({"round": r, "candidate": c.name, "coefficients": c.coeffs,
-                               "summary": {k: v for k, v in s.items() if k != "sampler"}})
-        alive.sort(key=lambda c: -1.0 if pooled_objective(c, args.min_sampled) is None
-                   else pooled_objective(c, args.min_sampled), reverse=True)
-        bar.write(f"  round {r + 1}: " + ", ".join(
-            f"{c.name} {_fmt_obj(pooled_objective(c, args.min_sampled))}" for c in alive))
-    bar.close()
+            rounds.append({"round": r, "candidate": c.name, "coefficients": c.coeffs,
+                           "summary": {k: v for k, v in s.items() if k != "sampler"}})
+        alive.sort(key=lambda c: -1.0 if pooled_objective(c, a.min_sampled) is None
+                   else pooled_objective(c, a.min_sampled), reverse=True)
+        run.log(f"  round {r + 1}: " + ", ".join(
+            f"{c.name} {_fmt_obj(pooled_objective(c, a.min_sampled))}" for c in alive))
     best = alive[0]
-    best_obj = pooled_objective(best, args.min_sampled)
+    best_obj = pooled_objective(best, a.min_sampled)
     if best_obj is None:
-        log(f"no candidate drew at least {args.min_sampled:.0%} of its tokens with a sampled "
-            "branch; widen the space or lower --min-sampled")
-        return 1
-    log(f"  best: {best.name} (dev objective {best_obj:.3f}): {best.coeffs}")
+        raise TuneError(f"no candidate drew at least {a.min_sampled:.0%} of its tokens with a "
+                        "sampled branch; widen the space or lower --min-sampled")
+    run.log(f"  best: {best.name} (dev objective {best_obj:.3f}): {best.coeffs}")
+    return Search(cands, schedule, best, best_obj, rounds)
 
-    # 3. held-out report ---------------------------------------------------------
-    cal_only = sampler_mod.build("calibrated-thresholds", {"preset": "classic", **{
-        k: v for k, v in coefficients(SEED_POINTS[0], cal).items() if k.endswith("_thresh")}})
-    tuned = sampler_mod.build(args.name, {"preset": "classic", **best.coeffs})
-    finals = [sampler_mod.BUILTIN["greedy"], sampler_mod.BUILTIN["t0.7-p0.9"],
-              sampler_mod.BUILTIN["minp0.1"], sampler_mod.BUILTIN["entropix-classic"],
-              cal_only, tuned]
-    n_final = count_requests(held, finals, args.final_seeds, args.vote)
-    log(f"# 3/3 held-out: {len(held)} items, {len(finals)} samplers, {n_final} requests")
-    bar = progress_bar(n_final, "held-out", args.no_progress)
-    try:
-        runs = run_samplers(client, held, finals, seeds=args.final_seeds, vote=args.vote,
-                            seed_base=args.seed + 99991, progress=bar.update, **common)
-    except EvalError as e:
-        bar.close()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    bar.close()
-    summaries = [summarize(r, held, args.vote, runs[0]) for r in runs]
-    print(table(summaries, args.vote))
 
-    # 4. the preset --------------------------------------------------------------
+def heldout_report(run: TuneRun, cal: Calibration, best: "Candidate") -> list:
+    """Step 3: the held-out split (never seen by the search), every final
+    sampler side by side; prints the table, returns the summaries."""
+    a = run.args
+    finals = final_samplers(run, cal, best)
+    n_final = count_requests(run.held, finals, a.final_seeds, a.vote)
+    run.log(f"# 3/3 held-out: {len(run.held)} items, {len(finals)} samplers, {n_final} requests")
+    results = run.requests(run.held, finals, desc="held-out", total=n_final,
+                           seeds=a.final_seeds, vote=a.vote, seed_base=a.seed + 99991)
+    summaries = [summarize(r, run.held, a.vote, results[0]) for r in results]
+    print(table(summaries, a.vote))
+    return summaries
+
+
+def write_preset(run: TuneRun, cal: Calibration, found: Search, summaries: list,
+                 match: Optional[dict], match_note: str, started, wall_s: float) -> None:
+    """Step 4: the preset file (coefficients that differ from SPEC's, the model it
+    matches, provenance) and, with ``--results``, every round's figures."""
+    a = run.args
     defaults = EntropixConfig()
+    best = found.best
     coeffs = {k: v for k, v in best.coeffs.items() if getattr(defaults, k) != v}
     heldout_rows = {s["sampler"]["name"]: {
         "accuracy": s["accuracy"], "maj": s.get("maj"), "pass": s.get("pass"),
@@ -414,34 +458,59 @@ def main(argv=None) -> int:
         "branch_mix": (s.get("branches") or {}).get("mix"),
         "off_argmax_share": s["off_argmax_share"], "mean_output_tokens": s["mean_output_tokens"],
     } for s in summaries}
+    model = run.client.model
     preset = {
-        "name": args.name,
-        "description": f"Entropix coefficients fitted to {client.model.rsplit('/', 1)[-1]} by "
+        "name": a.name,
+        "description": f"Entropix coefficients fitted to {model.rsplit('/', 1)[-1]} by "
                        "python -m entropix_vllm.tune (see provenance).",
         "coefficients": coeffs,
         **({"match": match} if match else {}),
         "provenance": {
-            "command": command, "date": started.isoformat(timespec="seconds"),
-            "model": client.model, "max_tokens": args.max_tokens,
-            "dev": {"tasks": args.tasks, "items": len(dev), "sha256": _sha256(_task_paths(args.tasks))},
-            "heldout": {"tasks": args.heldout, "items": len(held),
-                        "sha256": _sha256(_task_paths(args.heldout)),
-                        "samples_per_item": args.final_seeds * args.vote,
+            "command": run.command, "date": started.isoformat(timespec="seconds"),
+            "model": model, "max_tokens": a.max_tokens,
+            "dev": {"tasks": a.tasks, "items": len(run.dev),
+                    "sha256": _sha256(_task_paths(a.tasks))},
+            "heldout": {"tasks": a.heldout, "items": len(run.held),
+                        "sha256": _sha256(_task_paths(a.heldout)),
+                        "samples_per_item": a.final_seeds * a.vote,
                         "results": heldout_rows},
             "calibration": cal.summary(),
-            "search": {"candidates": len(cands), "rounds": schedule, "dev_vote": args.dev_vote,
-                       "search_seed": args.search_seed, "min_sampled": args.min_sampled,
-                       "chosen": best.name, "draw": best.draw, "dev_objective": best_obj,
+            "search": {"candidates": len(found.candidates), "rounds": found.schedule,
+                       "dev_vote": a.dev_vote, "search_seed": a.search_seed,
+                       "min_sampled": a.min_sampled, "chosen": best.name, "draw": best.draw,
+                       "dev_objective": found.best_objective,
                        "space": [p.name for p in SPACE]},
-            "wall_s": round(time.perf_counter() - t_start, 1),
+            "wall_s": round(wall_s, 1),
         },
     }
-    Path(args.out).write_text(json.dumps(preset, indent=1) + "\n", encoding="utf-8")
-    log(f"preset: {args.out} ({match_note})")
-    if args.results:
-        Path(args.results).write_text(json.dumps({"command": command, "rounds": rounds_log,
-                                                  "heldout": summaries}, indent=1) + "\n")
-        log(f"results: {args.results}")
+    Path(a.out).write_text(json.dumps(preset, indent=1) + "\n", encoding="utf-8")
+    run.log(f"preset: {a.out} ({match_note})")
+    if a.results:
+        Path(a.results).write_text(json.dumps({"command": run.command, "rounds": found.rounds,
+                                               "heldout": summaries}, indent=1) + "\n")
+        run.log(f"results: {a.results}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    command = " ".join(["python -m entropix_vllm.tune"] + list(sys.argv[1:] if argv is None else argv))
+    started = datetime.datetime.now(datetime.timezone.utc)
+    t_start = time.perf_counter()
+    try:
+        run = open_run(args, command)
+        try:
+            match, match_note = model_match(args.model_dir or run.client.model,
+                                            args.model_dir is not None)
+        except ModelIdError as e:
+            raise TuneError(f"--model-dir {args.model_dir}: cannot identify the model: {e}")
+        cal, per_req = calibrate(run)
+        found = search(run, cal, per_req)
+        summaries = heldout_report(run, cal, found.best)
+        write_preset(run, cal, found, summaries, match, match_note, started,
+                     time.perf_counter() - t_start)
+    except TuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

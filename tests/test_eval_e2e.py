@@ -121,6 +121,43 @@ def test_eval_cli_against_a_real_server(server, model_path, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_tune_cli_against_a_real_server(server, model_path, tmp_path):
+    """``python -m entropix_vllm.tune`` end to end, small: its four steps run,
+    the preset file loads and records the served model, the search rounds are
+    the halving schedule, and the estimate's held-out count is what the
+    held-out step then sends."""
+    import re
+
+    from entropix_vllm import tune
+    from entropix_vllm.config import load_preset_file
+
+    held = tmp_path / "held.jsonl"
+    lines = open(os.path.join(os.path.dirname(load_tasks.__code__.co_filename), "data",
+                              "heldout.jsonl")).read().splitlines()[:5]
+    held.write_text("\n".join(lines) + "\n")
+    out, results = tmp_path / "p.json", tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "entropix_vllm.tune", "--base-url", server.url, "--trace", TRACE,
+           "--tasks", "tiny", "--heldout", str(held), "--name", "e2e-tuned", "--out", str(out),
+           "--trials", "2", "--keep", "1", "--dev-vote", "1", "--vote", "1",
+           "--max-tokens", "8", "--concurrency", "8", "--no-progress", "--results", str(results),
+           "--model-dir", model_path]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    err = proc.stderr
+    for step in ("# 1/3 calibration", "# 2/3 search", "# 3/3 held-out"):
+        assert step in err, err[-3000:]
+    planned = int(re.search(r"then (\d+) held-out requests", err).group(1))
+    sent = int(re.search(r"# 3/3 held-out: \d+ items, 6 samplers, (\d+) requests", err).group(1))
+    assert planned == sent == 5 * (1 + 5 * 1 * 1)
+    preset = load_preset_file(str(out), "test")
+    assert preset.name == "e2e-tuned" and preset.match
+    data = json.loads(out.read_text())
+    n = data["provenance"]["search"]["candidates"]
+    assert data["provenance"]["search"]["rounds"] == tune.halving_schedule(n, 1)
+    assert set(data["provenance"]["heldout"]["results"]) >= {"greedy", "e2e-tuned"}
+    assert json.loads(results.read_text())["rounds"]
+
+
 def test_request_presets_over_http(server, model_path):
     msgs = [{"role": "user", "content": "Name a colour."}]
     # A built-in preset by name gives what its coefficients give when sent as keys.
