@@ -11,8 +11,8 @@ import math
 
 import pytest
 
-from entropix_vllm.config import (K_MAX, EngineConfig, EntropixConfig, EntropixConfigError,
-                                  parse_request_args)
+from entropix_vllm.config import EngineConfig, EntropixConfig, EntropixConfigError, parse_request_args
+from entropix_vllm.contract import K_MAX
 
 # SPEC section 3, written out by hand.
 SPEC_DEFAULTS = {

@@ -27,9 +27,9 @@ from hypothesis import strategies as st  # noqa: E402
 import torch  # noqa: E402
 
 from entropix_vllm import reference  # noqa: E402
-from entropix_vllm.config import (K_MAX, EngineConfig, EntropixConfig,  # noqa: E402
-                                  EntropixConfigError, parse_request_args, request_keys)
-from entropix_vllm.contract import AttnStats  # noqa: E402
+from entropix_vllm.config import (EngineConfig, EntropixConfig, EntropixConfigError,  # noqa: E402
+                                  parse_request_args, request_keys)
+from entropix_vllm.contract import K_MAX, AttnStats  # noqa: E402
 
 MAX_MESSAGE = 2500   # the longest message: an unknown key with the list of known keys
 
