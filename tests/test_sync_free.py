@@ -74,6 +74,8 @@ def audited_run(tmp_path_factory):
               max_num_batched_tokens=256, max_num_seqs=16, enable_prefix_caching=False,
               additional_config={"sampler": "entropix", "entropix": {"trace_path": trace}})
     runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+    # start-up's profiling run ran the Entropix step once (memory profile, compiles)
+    assert runner.sampler.runtime.warmed_rows == [16, 1]
     audit = SyncAudit(host_tensors=host_tensors_of(runner, runner.input_batch))
     calls: list = []
     restore = [(attention._Capture, "on_forward",

@@ -94,6 +94,8 @@ class EntropixSamplerV1(Sampler):
         num_rows = logits.shape[0]
         if runner is None or self.runtime is None or runner.input_batch.num_reqs != num_rows:
             # The profiling / warm-up dummy runs: no requests behind the rows.
+            if self.runtime is not None:
+                self.runtime.warm_up(logits)
             return super().sample(logits, sampling_metadata, logprobs_mode_override)
         discard = runner.discard_request_mask.np[:num_rows]
         saved = [(g, g.get_state()) for i, g in sampling_metadata.generators.items()

@@ -175,6 +175,7 @@ class EntropixSamplerV2(Sampler):
             # Not bound, or one logits row per draft token (speculative
             # decoding, refused at start-up).
             return super().sample(logits, *step_args, *args, **kwargs)
+        self.runtime.warm_up(logits)   # once: the profiling run comes first
         enabled = self.rows.enabled[idx_mapping_np]
         if not enabled.any():
             return super().sample(logits, *step_args, *args, **kwargs)

@@ -8,8 +8,10 @@ with ``sampler = "entropix"``. It holds what does not change from step to step:
   logged (:func:`resolve_cot_token`);
 * how a request's ``SamplingParams`` become its settings (:meth:`parse_row`;
   the samplers keep them in their ``rows.RowTable``);
-* the trace writer (TP rank 0 only), when ``trace_path`` is set, and the
-  hand-off of a step's rows to it;
+* the trace writer, when ``trace_path`` is set, and the hand-off of a step's
+  rows to it: one writer per engine, its lead worker (TP rank 0 of the last
+  pipeline stage, whose tokens vLLM returns; under data parallelism each
+  engine's lead appends to the same file, one ``O_APPEND`` write per batch);
 * the fault guard (a failed Entropix step falls back to vLLM's sampling).
 
 Nothing here imports the model runners, so both samplers and the plugin share it.
@@ -147,7 +149,8 @@ def resolve_cot_token(value, tokenizer, vocab_size: int, key: str) -> int:
 class EntropixRuntime:
     """Engine-wide Entropix state of one worker process."""
 
-    def __init__(self, vllm_config, tp_rank: int = 0, tokenizer: Any = "auto"):
+    def __init__(self, vllm_config, tp_rank: int = 0, tokenizer: Any = "auto",
+                 last_stage: bool = True):
         self.engine = EngineConfig.from_additional_config(
             vllm_config.additional_config, model=ModelSource.of_vllm_config(vllm_config))
         self.options = self.engine.options
@@ -164,13 +167,17 @@ class EntropixRuntime:
         self.cot_token_id = resolve_cot_token(self.options.cot_token, tokenizer, self.vocab_size,
                                               "additional_config.entropix.cot_token")
         self.tp_rank = tp_rank
+        # The engine's lead worker: it logs the start-up lines and writes the trace.
+        self.lead = tp_rank == 0 and last_stage
         self._trace = None
+        self._warmed = False
+        self.warmed_rows: list = []   # batch sizes the warm-up ran the step for
         self.faults = FaultGuard()
         self._log_start()
 
     # -- start-up -------------------------------------------------------------
     def _log_start(self) -> None:
-        if self.tp_rank != 0:
+        if not self.lead:
             return
         logger.info("%s", self.engine.preset_line())  # which preset, and why (auto: the match)
         if self.engine.preset_warning:
@@ -189,8 +196,8 @@ class EntropixRuntime:
 
     @property
     def trace(self):
-        """The trace writer (TP rank 0 with ``trace_path`` set), else None."""
-        if self._trace is None and self.options.trace_path and self.tp_rank == 0:
+        """The trace writer (the lead worker, with ``trace_path`` set), else None."""
+        if self._trace is None and self.options.trace_path and self.lead:
             from ..trace import TraceWriter
 
             self._trace = TraceWriter(self.options.trace_path)
@@ -213,6 +220,35 @@ class EntropixRuntime:
                                     "entropix_cot_token")
         return RowConfig(enabled=bool(enabled), coeffs=coefficient_rows([cfg])[0], cot_token=cot,
                          n_draws=cfg.n_adaptive_samples)
+
+    # -- start-up warm-up ------------------------------------------------------------
+    def warm_up(self, logits: "torch.Tensor") -> None:
+        """The Entropix step on the start-up profiling run's dummy logits (all
+        rows with the engine's settings; the result is dropped), once: vLLM's
+        memory profile then counts the step's peak, and its kernels are compiled
+        before the first request (for the whole batch and for one row: the
+        logit statistics' two launch layouts). A failure is logged, not raised:
+        the step would fall back to vLLM's sampler at run time."""
+        if self._warmed:
+            return
+        self._warmed = True
+        from .. import step
+        from ..contract import K_MAX
+
+        try:
+            cfg = self.engine.sampler
+            for rows in sorted({logits.shape[0], 1}, reverse=True):
+                x = logits[:rows].float()
+                table = step.coefficient_table([cfg] * rows, x.device)
+                noise = torch.empty(rows, cfg.n_adaptive_samples, K_MAX,
+                                    device=x.device).exponential_()
+                cot = torch.full((rows,), self.cot_token_id, dtype=torch.int64, device=x.device)
+                step.entropix_step(x, None, table, cot,
+                                   torch.zeros(rows, dtype=torch.bool, device=x.device), noise)
+                self.warmed_rows.append(rows)
+        except Exception as e:  # noqa: BLE001 - the profile run must not die of it
+            logger.warning("Entropix: the start-up warm-up of the Entropix step failed (%s: %s)",
+                           type(e).__name__, e)
 
     # -- the trace ----------------------------------------------------------------
     def trace_rows(self, req_ids, index, keep, tensors) -> None:
