@@ -55,6 +55,19 @@ How it works
   keys along the head axis, in rank order, which is the model's head order, so
   every rank keeps the keys of all heads for that one layer and computes the
   figures over all heads (identical on every rank, as SPEC section 2 asks).
+* Pipeline parallelism: each stage holds a range of the transformer layers
+  (``vllm_api.pp_layer_range``, vLLM's own split) and resolves ``attn_layer``
+  against the whole model: the attention layers are counted by their layer
+  index (one decoder self-attention layer per transformer layer, named by its
+  index; another model is refused at start-up). The stage holding the chosen
+  layer captures as above; the figures of its requests (``[4, num_reqs]``)
+  then ride with the intermediate tensors the stage sends the next one, under
+  :data:`PP_KEY` (:func:`pipeline_step`, around each runner's
+  ``execute_model``): a middle stage passes them on, the last stage copies
+  them into its own buffer before its forward pass and its sampler reads them
+  there. Every stage runs the same scheduled requests in the same row order,
+  so row ``i`` stays request ``i``; with PP x TP every rank of the chosen
+  stage holds the same figures, so every rank of the last stage receives them.
 * CUDA graphs: the engine's mode is kept. With ``FULL_AND_PIECEWISE`` /
   ``FULL`` / ``FULL_DECODE_ONLY`` the decode forward pass is captured once per
   batch size and replayed, and the wrapper's Python runs only at capture. So
@@ -74,8 +87,9 @@ How it works
 Supported: ``CPU_ATTN`` (CPU), ``FLASH_ATTN`` and ``TRITON_ATTN`` (CUDA).
 Anything else (FlashInfer, MLA backends, FlexAttention, ROCm backends, ...)
 raises at start-up naming the backend and the supported ones.
-Not supported (start-up error, ``engine.check``): pipeline parallelism, decode /
-prefill context parallelism, micro-batching; on 0.33, a model that writes the KV
+Not supported (start-up error, ``engine.check``): decode / prefill context
+parallelism, micro-batching, pipeline parallelism under the ``external_launcher``
+executor (every stage samples there); on 0.33, a model that writes the KV
 cache itself before attention (``Attention.kv_cache_update_bypass``) when the
 plugin needs its key copy (CPU, TP, quantized caches): its keys never reach the
 backend. Figures follow SPEC section 2 literally:
@@ -144,6 +158,13 @@ class _Capture:
         self.max_tokens = int(getattr(sc, "max_num_batched_tokens", 0) or 8192)
         pc = getattr(vllm_config, "parallel_config", None)
         self.tp_size = int(getattr(pc, "tensor_parallel_size", 1) or 1)
+        # Pipeline parallelism: this worker's stage; whether the chosen layer is
+        # here (else its figures arrive with the intermediate tensors).
+        self.pp_rank, self.pp_size = vllm_api.pp_rank_size()
+        self.pp_last = self.pp_rank == self.pp_size - 1
+        self.here = True
+        self.carried: Optional[torch.Tensor] = None      # [4, cap] received figures
+        self.carried_rows: Optional[int] = None
         # With full CUDA graphs a replayed forward pass runs none of this module's
         # Python: the sampler then cannot know the row count of the last forward
         # pass from here, and trusts the buffer (rows past the padded batch are
@@ -182,12 +203,17 @@ class _Capture:
                 "Entropix attention figures: the model has no decoder self-attention layer "
                 f"(supported backends: {', '.join(_SUPPORTED)}); attention-free models are "
                 "not supported")
-        n = len(decoder)
-        if not -n <= self.attn_layer < n:
-            raise AttentionCaptureError(
-                f"Entropix: attn_layer={self.attn_layer} is out of range: the model has {n} "
-                f"attention layers (valid: {-n}..{n - 1})")
-        name = decoder[self.attn_layer]
+        if self.pp_size > 1:
+            name = self._resolve_stage(decoder)
+            if name is None:  # the chosen layer is on another stage
+                return self.layer_name
+        else:
+            n = len(decoder)
+            if not -n <= self.attn_layer < n:
+                raise AttentionCaptureError(
+                    f"Entropix: attn_layer={self.attn_layer} is out of range: the model has {n} "
+                    f"attention layers (valid: {-n}..{n - 1})")
+            name = decoder[self.attn_layer]
         layer = layers[name]
         backend = layer.get_attn_backend().get_name()
         if backend not in _SUPPORTED or not isinstance(layer, Attention):
@@ -227,6 +253,47 @@ class _Capture:
                     backend, "plugin key copy" if self.use_copy else "KV cache read in place",
                     self.tp_size)
         return name
+
+    def _resolve_stage(self, decoder) -> Optional[str]:
+        """Pipeline parallelism: ``attn_layer`` over the whole model's layers;
+        the chosen layer's name when this stage holds it, else None (then
+        ``layer_name`` names where it is, a name no layer has)."""
+        total = int(self.vllm_config.model_config.get_total_num_hidden_layers())
+        start, end = vllm_api.pp_layer_range(total, self.pp_rank, self.pp_size)
+        try:
+            idx = [vllm_api.layer_index(n) for n in decoder]
+        except ValueError:
+            idx = None
+        if idx != list(range(start, end)):
+            raise AttentionCaptureError(
+                "Entropix attention figures with pipeline parallelism "
+                f"(pipeline_parallel_size={self.pp_size}) need one decoder self-attention layer "
+                "per transformer layer, named by its index; pipeline stage "
+                f"{self.pp_rank} holds layers {start}..{end - 1} but its attention layers are "
+                f"{decoder[:4]}{' ...' if len(decoder) > 4 else ''}; run this model without "
+                "pipeline parallelism or without --sampler entropix")
+        if not -total <= self.attn_layer < total:
+            raise AttentionCaptureError(
+                f"Entropix: attn_layer={self.attn_layer} is out of range: the model has {total} "
+                f"attention layers (valid: {-total}..{total - 1})")
+        g = self.attn_layer % total
+        if start <= g < end:
+            self.here = True
+            if not self.pp_last:
+                logger.info("Entropix: attention figures from layer %d on this pipeline stage "
+                            "(%d of %d), sent on with the intermediate tensors", g,
+                            self.pp_rank, self.pp_size)
+            return decoder[g - start]
+        stage = next(r for r in range(self.pp_size)
+                     if vllm_api.pp_layer_range(total, r, self.pp_size)[0] <= g
+                     < vllm_api.pp_layer_range(total, r, self.pp_size)[1])
+        self.here = False
+        self.layer_name = f"<layer {g} on pipeline stage {stage}>"
+        if self.pp_last:
+            logger.info("Entropix: attention figures from layer %d, on pipeline stage %d of %d; "
+                        "they reach this last stage with the intermediate tensors", g, stage,
+                        self.pp_size)
+        return None
 
     # -- buffers ---------------------------------------------------------------
     def prepare(self, layers=None) -> bool:
@@ -362,21 +429,52 @@ class _Capture:
     def for_sampler(self, num_rows: int, device) -> Optional[AttnStats]:
         if self.layer_name is None:
             self.resolve()  # raises now (start-up) for an unsupported setup
-        b = self.buf
-        if b is None:
-            return None
-        n = b.cap if self.graphs else self.num_rows
-        if n is None:
+        if not self.here:  # pipeline parallelism: received from the chosen layer's stage
+            stats, n = self.carried, self.carried_rows
+        else:
+            b = self.buf
+            if b is None:
+                return None
+            stats, n = b.stats, (b.cap if self.graphs else self.num_rows)
+        if n is None or stats is None:
             return None
         if num_rows > n:
             _warn_once(f"Entropix: the sampler has {num_rows} logits rows but the last forward "
                        f"pass left attention figures for {n} requests; attention figures are "
                        "zeros for this step (speculative decoding is not supported)")
             return None
-        out = b.stats[:, :num_rows]
+        out = stats[:, :num_rows]
         if device is not None and out.device != torch.device(device):
             out = out.to(device, non_blocking=True)
         return AttnStats(out[0], out[1], out[2], out[3])
+
+
+    # -- pipeline parallelism ----------------------------------------------------
+    def figures_to_send(self, num_reqs: int) -> Optional[torch.Tensor]:
+        """The chosen layer's stage: its step's figures ``[4, rows]`` (a copy),
+        or None when its forward pass left none."""
+        b = self.buf
+        n = num_reqs if self.graphs else self.num_rows
+        if b is None or n is None or n > b.cap:
+            return None
+        return b.stats[:, :n].clone()
+
+    def receive(self, figures: Optional[torch.Tensor]) -> None:
+        """The last stage: the figures that came with this step's intermediate
+        tensors, into its own buffer (None: the step has none)."""
+        self.carried_rows = None
+        if figures is None:
+            return
+        n = int(figures.shape[1])
+        if n > self.max_num_seqs:
+            _warn_once(f"Entropix: {n} rows of attention figures received, more than "
+                       f"max_num_seqs ({self.max_num_seqs}); no attention figures for them")
+            return
+        if self.carried is None or self.carried.device != figures.device:
+            self.carried = torch.zeros(4, self.max_num_seqs, dtype=torch.float32,
+                                       device=figures.device)
+        self.carried[:, :n].copy_(figures)
+        self.carried_rows = n
 
 
 _STATE: Optional[_Capture] = None
@@ -400,6 +498,38 @@ def after_forward(impl, layer, query, key, kv_cache, attn_metadata) -> None:
         name = st.resolve(_forward_layers())
     if getattr(layer, "layer_name", None) == name:
         st.on_forward(impl, layer, query, key, kv_cache, attn_metadata)
+
+
+#: The name of the attention figures ``[4, num_reqs]`` (float32) in the
+#: intermediate tensors a pipeline stage sends the next one.
+PP_KEY = "entropix_attn_stats"
+
+
+def pipeline_step(runner, run, scheduler_output, intermediate_tensors):
+    """Around a runner's ``execute_model`` (``patches.apply_runner``):
+    ``run(intermediate_tensors)`` is vLLM's. With pipeline parallelism the
+    figures are taken out of what this stage received (vLLM's runner copies
+    every received tensor into its own buffers by name), kept by the last
+    stage for its sampler, and put into what this stage sends: the chosen
+    layer's stage puts its own, a middle stage passes on what it received."""
+    st = _STATE
+    if st is None or st.pp_size == 1:
+        return run(intermediate_tensors)
+    if st.layer_name is None:
+        st.resolve()
+    carried = None
+    if intermediate_tensors is not None:
+        carried = intermediate_tensors.tensors.pop(PP_KEY, None)
+    if st.pp_last and not st.here:
+        st.receive(carried)
+    out = run(intermediate_tensors)
+    it_cls = vllm_api.intermediate_tensors_cls()
+    if isinstance(out, it_cls):
+        figures = (st.figures_to_send(len(scheduler_output.num_scheduled_tokens))
+                   if st.here else carried)
+        if figures is not None:
+            out = it_cls({**out.tensors, PP_KEY: figures})
+    return out
 
 
 def _forward_layers():

@@ -7,8 +7,9 @@ by the runner hook in each worker before its model runner is built
 (:func:`prepare`):
 
 * :func:`check`: refusals, each naming the setting: a bad ``entropix``
-  section (``config.py``), speculative decoding, pipeline / context
-  parallelism, micro-batching;
+  section (``config.py``), speculative decoding, context parallelism,
+  micro-batching, pipeline parallelism under the ``external_launcher``
+  executor (pipeline parallelism itself is supported: ``attention.py``);
 * :func:`adjust_before_vllm` (before vLLM's own ``__post_init__``, whose
   runner validation would otherwise refuse them): batch-sharded sampling and
   dual-batch overlap off, one log line each;
@@ -92,10 +93,15 @@ def check(vllm_config) -> None:
     pc = getattr(vllm_config, "parallel_config", None)
     if pc is None:
         return
-    if getattr(pc, "pipeline_parallel_size", 1) > 1:
+    if (getattr(pc, "pipeline_parallel_size", 1) > 1
+            and getattr(pc, "distributed_executor_backend", None) == "external_launcher"):
+        # There every pipeline stage samples (vLLM broadcasts the logits to all
+        # of them); the attention figures reach only the last one.
         raise EntropixEngineError(
-            "Entropix attention figures do not support pipeline parallelism "
-            f"(pipeline_parallel_size={pc.pipeline_parallel_size}); use tensor parallelism")
+            "The Entropix sampler does not support pipeline parallelism under the "
+            f"external_launcher executor (pipeline_parallel_size={pc.pipeline_parallel_size}, "
+            "distributed_executor_backend=external_launcher): every stage samples there; use "
+            "vLLM's mp or ray executor, or tensor parallelism")
     for attr in ("decode_context_parallel_size", "prefill_context_parallel_size"):
         if getattr(pc, attr, 1) > 1:
             raise EntropixEngineError(
@@ -231,7 +237,8 @@ def worker_hooks():
     from . import attention, patches
 
     return patches.WorkerHooks(enabled=entropix_enabled, start=start_worker,
-                               kv_cache_bound=attention.prepare)
+                               kv_cache_bound=attention.prepare,
+                               pipeline_step=attention.pipeline_step)
 
 
 def start_worker(vllm_config, device) -> "EntropixRuntime":  # noqa: F821
@@ -245,10 +252,12 @@ def start_worker(vllm_config, device) -> "EntropixRuntime":  # noqa: F821
     from .runtime import EntropixRuntime
 
     prepare(vllm_config)
-    runtime = EntropixRuntime(vllm_config, tp_rank=vllm_api.tp_rank())
+    pp_rank, pp_size = vllm_api.pp_rank_size()
+    runtime = EntropixRuntime(vllm_config, tp_rank=vllm_api.tp_rank(),
+                              last_stage=pp_rank == pp_size - 1)
     patches.apply_attention_capture(attention.after_forward)
     attention.install(vllm_config, runtime.options.attn_layer)
-    if runtime.tp_rank == 0:
+    if runtime.lead:
         dev = torch.device(device) if device is not None else torch.device("cpu")
         logger.info("Entropix ops on %s: %s", dev.type, ops.describe(dev.type))
     return runtime

@@ -25,6 +25,7 @@ MRV2 ``GPUModelRunner.__init__``,             :func:`apply_runner` (``RUNNERS[1]
 ``load_model``, ``initialize_kv_cache``;
 module name ``Sampler`` while ``load_model``
 builds it
+MRV1 / MRV2 ``GPUModelRunner.execute_model``  :func:`apply_runner` (pipeline stages)
 MRV1 runner ``_bookkeeping_sync`` (instance)  :func:`apply_mrv1_rewind_guard`
 ``v1.sample.sampler.mixed_sample_eligible``   :func:`apply_mrv1_fused_sample_guard`
 (0.33)
@@ -40,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 from . import vllm_api
 
@@ -284,6 +285,9 @@ class WorkerHooks:
     enabled: Callable          # vllm_config -> bool: an Entropix engine?
     start: Callable            # (vllm_config, device) -> runtime, before the runner is built
     kv_cache_bound: Callable   # () -> None, once the KV cache is bound (not when profiling)
+    # (runner, run, scheduler_output, intermediate_tensors) -> output, around
+    # execute_model; run(intermediate_tensors) is vLLM's (pipeline stages)
+    pipeline_step: Optional[Callable] = None
 
 
 def apply_runner(spec: RunnerSpec, hooks: WorkerHooks) -> bool:
@@ -294,7 +298,10 @@ def apply_runner(spec: RunnerSpec, hooks: WorkerHooks) -> bool:
     (``hooks.start``); the build method runs with ``Sampler`` rebound to ours,
     which is then checked and bound (MRV1: and the rewind guard);
     ``initialize_kv_cache``: ``hooks.kv_cache_bound`` (the capture's buffers,
-    before vLLM captures CUDA graphs).
+    before vLLM captures CUDA graphs); ``execute_model``: through
+    ``hooks.pipeline_step`` (the attention figures between pipeline stages;
+    MRV1: a later stage's receive buffer made if vLLM's warm-up, which makes
+    it, did not run: ``vllm_api.make_pp_receive_buffer``).
     """
     runner_mod = vllm_api.runner_module(spec.module)
     if runner_mod is None:
@@ -334,7 +341,19 @@ def apply_runner(spec: RunnerSpec, hooks: WorkerHooks) -> bool:
             return out
         return initialize_kv_cache
 
+    def make_exec(orig):
+        def execute_model(self, scheduler_output, intermediate_tensors=None, *args, **kwargs):
+            if getattr(self, "_entropix_runtime", None) is None or hooks.pipeline_step is None:
+                return orig(self, scheduler_output, intermediate_tensors, *args, **kwargs)
+            if intermediate_tensors is not None and spec.module == vllm_api.MRV1:
+                vllm_api.make_pp_receive_buffer(self)
+            return hooks.pipeline_step(
+                self, lambda it: orig(self, scheduler_output, it, *args, **kwargs),
+                scheduler_output, intermediate_tensors)
+        return execute_model
+
     wrap(cls, "__init__", make_init, f"{path}.__init__")
+    wrap(cls, "execute_model", make_exec, f"{path}.execute_model")
     if spec.build_method != "__init__":
         wrap(cls, spec.build_method, make_build, f"{path}.{spec.build_method}")
     wrap(cls, "initialize_kv_cache", make_kv, f"{path}.initialize_kv_cache")

@@ -134,7 +134,8 @@ INTERNALS: Tuple[Internal, ...] = (
     _i("vllm.config.compilation:CompilationConfig.cudagraph_mode", "field", "read"),
     _i("vllm.config.compilation:CompilationConfig.static_forward_context", "field",
        "the model's attention layers (attention.resolve)"),
-    _i("vllm.config.parallel:ParallelConfig.pipeline_parallel_size", "field", "refused > 1"),
+    _i("vllm.config.parallel:ParallelConfig.pipeline_parallel_size", "field",
+       "external_launcher refusal (the figures travel between stages: attention.py)"),
     _i("vllm.config.parallel:ParallelConfig.tensor_parallel_size", "field",
        "all-gather of the chosen layer"),
     _i("vllm.config.parallel:ParallelConfig.decode_context_parallel_size", "field",
@@ -181,9 +182,38 @@ INTERNALS: Tuple[Internal, ...] = (
     _i("vllm.v1.engine.input_processor:InputProcessor.vllm_config", "attribute",
        "the engine configuration"),
     # -- distributed -----------------------------------------------------------
-    _i("vllm.distributed:get_tensor_model_parallel_rank", "function", "trace on rank 0"),
+    _i("vllm.distributed:get_tensor_model_parallel_rank", "function",
+       "the lead worker (TP rank 0 of the last stage) logs and traces"),
     _i("vllm.distributed:tensor_model_parallel_all_gather", "function",
        "TP: queries and keys of all heads", ("input_", "dim")),
+    # -- pipeline parallelism (attention.py: the figures travel with the
+    #    intermediate tensors; patches.apply_runner wraps execute_model) ------
+    _i("vllm.distributed.parallel_state:get_pp_group", "function",
+       "this worker's pipeline stage"),
+    _i("vllm.distributed.parallel_state:GroupCoordinator.rank_in_group", "attribute",
+       "the pipeline stage's index"),
+    _i("vllm.distributed.parallel_state:GroupCoordinator.world_size", "attribute",
+       "the number of pipeline stages"),
+    _i("vllm.distributed.utils:get_pp_indices", "function",
+       "the layers of a pipeline stage (as vLLM splits them, VLLM_PP_LAYER_PARTITION too)",
+       ("num_hidden_layers", "pp_rank", "pp_size"), positional=True),
+    _i("vllm.model_executor.models.utils:extract_layer_index", "function",
+       "an attention layer's transformer layer index (its name)", ("layer_name",),
+       positional=True),
+    _i("vllm.config.model:ModelConfig.get_total_num_hidden_layers", "method",
+       "the model's layer count (pipeline stages)", ("self",)),
+    _i("vllm.config.parallel:ParallelConfig.distributed_executor_backend", "field",
+       "external_launcher + pipeline parallelism refused"),
+    _i("vllm.sequence:IntermediateTensors", "class",
+       "what a pipeline stage sends the next: the figures ride along"),
+    _i("vllm.sequence:IntermediateTensors.tensors", "field", "name -> tensor"),
+    _i("vllm.v1.core.sched.output:SchedulerOutput.num_scheduled_tokens", "field",
+       "the step's request count (the rows of the figures a stage sends)"),
+    _i("vllm.model_executor.models.interfaces:SupportsPP.make_empty_intermediate_tensors",
+       "field", "MRV1 eager CPU pipeline stages: the receive buffer vLLM makes only in "
+       "its (skipped) warm-up run (make_pp_receive_buffer)"),
+    _i("vllm.model_executor.models.interfaces:_MakeEmptyIntermediateTensors.__call__",
+       "method", "its call", ("self", "batch_size", "dtype", "device"), positional=True),
     # -- MRV1: runner and sampler (mrv1.py, patches.apply_runner) --------------
     _i(f"{_MRV1}:Sampler", "name", "rebound to EntropixSamplerV1 while __init__ runs"),
     _i(f"{_MRV1}:GPUModelRunner", "class", "wrapped (the CPU runner subclasses it)"),
@@ -192,6 +222,14 @@ INTERNALS: Tuple[Internal, ...] = (
     _i(f"{_MRV1}:GPUModelRunner.initialize_kv_cache", "method",
        "wrapped: the capture's buffers once the KV cache is bound (attention.prepare)",
        ("self", "kv_cache_config", "is_profiling"), positional=True),
+    _i(f"{_MRV1}:GPUModelRunner.execute_model", "method",
+       "wrapped: pipeline stages carry the attention figures (attention.pipeline_step)",
+       ("self", "scheduler_output", "intermediate_tensors"), positional=True),
+    _i(f"{_MRV1}:GPUModelRunner.intermediate_tensors", "attribute",
+       "a later pipeline stage's receive buffer (made if vLLM skipped it)"),
+    _i(f"{_MRV1}:GPUModelRunner.model", "attribute", "the model (its receive buffer)"),
+    _i(f"{_MRV1}:GPUModelRunner.max_num_tokens", "attribute", "receive buffer rows"),
+    _i(f"{_MRV1}:GPUModelRunner.model_config", "attribute", "receive buffer dtype"),
     _i(f"{_MRV1}:GPUModelRunner._bookkeeping_sync", "method",
        "CPU: seeded rows' rewind skipped", ("self",)),
     _i(f"{_MRV1}:GPUModelRunner.sampler", "attribute", "the built sampler"),
@@ -241,6 +279,9 @@ INTERNALS: Tuple[Internal, ...] = (
     _i(f"{_MRV2}:GPUModelRunner.initialize_kv_cache", "method",
        "wrapped: the capture's buffers once the KV cache is bound (attention.prepare)",
        ("self", "kv_cache_config", "is_profiling"), positional=True),
+    _i(f"{_MRV2}:GPUModelRunner.execute_model", "method",
+       "wrapped: pipeline stages carry the attention figures (attention.pipeline_step)",
+       ("self", "scheduler_output", "intermediate_tensors"), positional=True),
     _i(f"{_MRV2}:GPUModelRunner.sampler", "attribute", "the built sampler"),
     _i(f"{_MRV2_SAMPLER}:Sampler", "class", "subclassed: EntropixSamplerV2"),
     _i(f"{_MRV2_SAMPLER}:Sampler.__init__", "method", "inherited constructor",
@@ -389,6 +430,47 @@ def tp_rank() -> int:
 
 def tp_all_gather(t, dim: int):
     return _load("vllm.distributed:tensor_model_parallel_all_gather")(t, dim=dim)
+
+
+def pp_rank_size() -> Tuple[int, int]:
+    """This worker's pipeline stage and the number of stages ((0, 1) when no
+    group is set up)."""
+    try:
+        g = _load("vllm.distributed.parallel_state:get_pp_group")()
+        return int(g.rank_in_group), int(g.world_size)
+    except Exception:
+        return 0, 1
+
+
+def pp_layer_range(num_layers: int, pp_rank: int, pp_size: int) -> Tuple[int, int]:
+    """``[start, end)`` of the transformer layers vLLM gives stage ``pp_rank``."""
+    start, end = _load("vllm.distributed.utils:get_pp_indices")(num_layers, pp_rank, pp_size)
+    return int(start), int(end)
+
+
+def layer_index(layer_name: str) -> int:
+    """The transformer layer index in a layer's name (``model.layers.7.self_attn.attn``
+    -> 7); ValueError when the name does not hold exactly one."""
+    try:
+        return int(_load("vllm.model_executor.models.utils:extract_layer_index")(layer_name))
+    except AssertionError as e:
+        raise ValueError(str(e)) from None
+
+
+def intermediate_tensors_cls():
+    return _load("vllm.sequence:IntermediateTensors")
+
+
+def make_pp_receive_buffer(runner) -> None:
+    """MRV1 on a later pipeline stage: vLLM makes the receive buffer
+    (``runner.intermediate_tensors``) in ``_dummy_run`` only, which a CPU engine
+    with ``--enforce-eager`` and an explicit KV-cache size never runs (its first
+    request then fails ``assert self.intermediate_tensors is not None``); made
+    here exactly as ``_dummy_run`` makes it."""
+    if getattr(runner, "intermediate_tensors", None) is None:
+        runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+            batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype,
+            device=runner.device)
 
 
 def runner_module(module: str):
