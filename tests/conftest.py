@@ -35,9 +35,32 @@ if TESTS not in sys.path:
 _FOLDER_MARKS = {"e2e": ("e2e",)}
 
 
-def pytest_collection_modifyitems(config, items):
-    import pytest
+import pytest  # noqa: E402
 
+
+@pytest.fixture(scope="session")
+def bundled_model() -> str:
+    """The bundled model's folder (``scripts/setup.sh`` builds it); skips when absent."""
+    from entropix_vllm import bundled
+
+    try:
+        return bundled.bundled_model_path(build=False)
+    except FileNotFoundError as e:
+        pytest.skip(f"the bundled model is not built ({e})")
+
+
+@pytest.fixture(scope="session")
+def vllm_cli() -> str:
+    """The ``vllm`` console script of this environment; skips when absent."""
+    from e2e_server import vllm_executable
+
+    path = vllm_executable()
+    if not os.path.exists(path):
+        pytest.skip(f"no vllm executable at {path}")
+    return path
+
+
+def pytest_collection_modifyitems(config, items):
     for item in items:
         parts = os.path.relpath(str(item.fspath), TESTS).split(os.sep)
         for mark in _FOLDER_MARKS.get(parts[0], ()):

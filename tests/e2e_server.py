@@ -68,6 +68,19 @@ COMMON_ENV = {
 DROP_ENV = ("TRITON_INTERPRET", "VLLM_PLUGINS", "VLLM_USE_V2_MODEL_RUNNER")
 
 
+#: Ordinary chat prompts the server tests send.
+CHAT_PROMPTS = (
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Name three primary colours.",
+    "Explain in one sentence what a CPU does.",
+    "Tell me a fun fact about octopuses.",
+    "List two fruits that are red.",
+    "How many legs does a spider have?",
+    "Give me a tip for learning to cook.",
+)
+
+
 class ServerStartError(RuntimeError):
     """A server exited or did not become healthy; the message holds its log tail."""
 

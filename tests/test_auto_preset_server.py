@@ -34,38 +34,23 @@ import pytest
 
 requests = pytest.importorskip("requests")
 
-from entropix_vllm import bundled  # noqa: E402
 from entropix_vllm.config import EntropixConfig, builtin_presets  # noqa: E402
 from entropix_vllm.report.reader import read_trace, recompute_branches  # noqa: E402
 
-from e2e_server import (ServerSpec, ServerStartError, log_tail, start_servers,  # noqa: E402
-                        stop_all, vllm_executable)
+from e2e_server import (CHAT_PROMPTS, ServerSpec, ServerStartError, start_servers,  # noqa: E402
+                        stop_all)
 from tiny_model import make_tiny_llama, tiny_prompt  # noqa: E402
 
 SMOL = "smollm2-135m-instruct"
 NO_COMPILE = ["--compilation-config", '{"mode": 0}']
 HTTP_TIMEOUT = 300
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a short poem about the sea.",
-    "Name three primary colours.",
-    "Explain in one sentence what a CPU does.",
-    "Tell me a fun fact about octopuses.",
-    "List two fruits that are red.",
-    "How many legs does a spider have?",
-    "Give me a tip for learning to cook.",
-]
+PROMPTS = list(CHAT_PROMPTS)
 MAX_TOKENS = 48
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory):
-    if not os.path.exists(vllm_executable()):
-        pytest.skip(f"no vllm executable at {vllm_executable()}")
-    try:
-        smol = bundled.bundled_model_path(build=False)
-    except FileNotFoundError as e:
-        pytest.skip(f"the bundled model is not built ({e})")
+def ctx(tmp_path_factory, bundled_model, vllm_cli):
+    smol = bundled_model
     work = tmp_path_factory.mktemp("auto-preset")
     renamed = work / "renamed" / "my-favourite-model"
     renamed.mkdir(parents=True)

@@ -35,12 +35,11 @@ import pytest
 
 requests = pytest.importorskip("requests")
 
-from entropix_vllm import bundled  # noqa: E402
 from entropix_vllm.config import EntropixConfig, parse_request_args  # noqa: E402
 from entropix_vllm.report.reader import read_trace, recompute_branches  # noqa: E402
 
-from e2e_server import (ENTROPIX_TRACE_PATH, ServerSpec, ServerStartError, log_tail,  # noqa: E402
-                        start_servers, stop_all, vllm_executable)
+from e2e_server import (CHAT_PROMPTS, ENTROPIX_TRACE_PATH, ServerSpec, ServerStartError,  # noqa: E402
+                        log_tail, start_servers, stop_all, vllm_executable)
 
 COT_TOKEN = 4563          # " ..." on the bundled model (the tokenizer's default CoT token)
 EOS_TOKEN = 2             # <|im_end|>
@@ -63,27 +62,15 @@ FORCE = {
 }
 STOCK = {"entropix": False}
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a short poem about the sea.",
-    "Name three primary colours.",
-    "Explain in one sentence what a CPU does.",
-    "Tell me a fun fact about octopuses.",
-    "List two fruits that are red.",
-    "How many legs does a spider have?",
-    "Give me a tip for learning to cook.",
-]
+PROMPTS = list(CHAT_PROMPTS)
 
 
 # ----------------------------------------------------------------------------
 # Servers
 # ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def model_path():
-    try:
-        return bundled.bundled_model_path(build=False)
-    except FileNotFoundError as e:
-        pytest.skip(f"the bundled model is not built ({e})")
+def model_path(bundled_model):
+    return bundled_model
 
 
 @pytest.fixture(scope="module")

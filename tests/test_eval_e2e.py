@@ -22,7 +22,6 @@ import pytest
 
 requests = pytest.importorskip("requests")
 
-from entropix_vllm import bundled  # noqa: E402
 from entropix_vllm.config import builtin_presets  # noqa: E402
 from entropix_vllm.eval.tasks import load_tasks  # noqa: E402
 
@@ -39,11 +38,8 @@ MY_PRESET = {"name": "my-preset", "coefficients": {"low_ent_thresh": 0.5, "low_v
 
 
 @pytest.fixture(scope="module")
-def model_path():
-    try:
-        return bundled.bundled_model_path(build=False)
-    except FileNotFoundError as e:
-        pytest.skip(f"the bundled model is not built ({e})")
+def model_path(bundled_model):
+    return bundled_model
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ same CLI that wrote the shipped record.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from entropix_vllm import bundled, model_id, report, tune
+from entropix_vllm import model_id, report, tune
 from entropix_vllm.config import (AUTO_PRESET, DEFAULT_PRESET, ENGINE_DEFAULT_PRESET,
                                   EngineConfig, EntropixConfig, EntropixConfigError,
                                   builtin_presets, parse_request_args)
@@ -52,11 +51,8 @@ def engine_error(section, model=None) -> EntropixConfigError:
 # Models
 # ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def smol():
-    try:
-        return bundled.bundled_model_path(build=False)
-    except FileNotFoundError as e:
-        pytest.skip(f"the bundled model is not built ({e})")
+def smol(bundled_model):
+    return bundled_model
 
 
 @pytest.fixture(scope="module")

@@ -120,19 +120,12 @@ def test_entropix_step_without_triton(tmp_path):
 # A real server without Triton
 # ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, bundled_model, vllm_cli):
     pytest.importorskip("vllm")
     requests = pytest.importorskip("requests")
-    from e2e_server import ENTROPIX_TRACE_PATH, ServerSpec, start_servers, stop_all, vllm_executable
+    from e2e_server import ENTROPIX_TRACE_PATH, ServerSpec, start_servers, stop_all
 
-    from entropix_vllm import bundled
-
-    if not os.path.exists(vllm_executable()):
-        pytest.skip(f"no vllm executable at {vllm_executable()}")
-    try:
-        model = bundled.bundled_model_path(build=False)
-    except FileNotFoundError as e:
-        pytest.skip(f"the bundled model is not built ({e})")
+    model = bundled_model
     logs = tmp_path_factory.mktemp("no-triton")
     log = logs / "no_triton.jsonl"
     env = _env(log)

@@ -31,20 +31,16 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import math
 import os
-import re
 import time
 
 import pytest
 
 requests = pytest.importorskip("requests")
 
-from entropix_vllm import bundled  # noqa: E402
 from entropix_vllm.config import EntropixConfig  # noqa: E402
 
-from e2e_server import (ENTROPIX_TRACE_PATH, ServerSpec, log_tail, start_servers,  # noqa: E402
-                        stop_all, vllm_executable)
+from e2e_server import ENTROPIX_TRACE_PATH, ServerSpec, log_tail, start_servers, stop_all  # noqa: E402,E501
 
 COT_TOKEN = 4563          # " ..." on the bundled model
 HTTP_TIMEOUT = 300
@@ -58,13 +54,8 @@ INSERT_COT = {"entropix_low_ent_thresh": 0, "entropix_high_ent_thresh": 0,
 # Servers
 # ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory):
-    try:
-        model = bundled.bundled_model_path(build=False)
-    except FileNotFoundError as e:
-        pytest.skip(f"the bundled model is not built ({e})")
-    if not os.path.exists(vllm_executable()):
-        pytest.skip(f"no vllm executable at {vllm_executable()}")
+def ctx(tmp_path_factory, bundled_model, vllm_cli):
+    model = bundled_model
     log_dir = tmp_path_factory.mktemp("vllm-reliability")
     fault_file = str(log_dir / "fault-on")
     os.makedirs(os.path.dirname(ENTROPIX_TRACE_PATH), exist_ok=True)
