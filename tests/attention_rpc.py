@@ -43,9 +43,18 @@ def record(state=None) -> None:
     st._test_recording = True
 
 
+def install(vllm_config, attn_layer: int = -1) -> None:
+    """The capture as ``engine.start_worker`` installs it: the backends'
+    ``forward`` wrappers (``patches.apply_attention_capture``) and the state."""
+    from entropix_vllm.integration import patches
+
+    patches.apply_attention_capture(A.after_forward)
+    A.install(vllm_config, attn_layer)
+
+
 def rpc_install(worker, attn_layer: int = -1, rec: bool = True) -> str:
     """Install the capture inside a running worker, recording."""
-    A.install(worker.vllm_config, attn_layer)
+    install(worker.vllm_config, attn_layer)
     if rec:
         record()
     return "ok"

@@ -98,7 +98,7 @@ def engine(tmp_path_factory):
     orig_init_device = CPUWorker.init_device
 
     def init_device(self, *args, **kwargs):
-        A.install(self.vllm_config, -1)
+        R.install(self.vllm_config, -1)
         return orig_init_device(self, *args, **kwargs)
 
     CPUWorker.init_device = init_device
@@ -323,16 +323,28 @@ def test_engine_adjustments_keep_cudagraphs_and_stop_row_reordering():
         assert entropix_engine.adjust_before_vllm(h) == []
 
 
-def test_engine_check_refuses_pipeline_and_context_parallelism(two_layer_config):
+def test_engine_check_refuses_context_parallelism_and_pp_under_external_launcher(
+        two_layer_config):
     import copy
-    for attr, what in (("pipeline_parallel_size", "pipeline parallel"),
-                       ("decode_context_parallel_size", "context parallel"),
-                       ("ubatch_size", "micro-batching")):
+
+    def with_parallel(**values):
         cfg = copy.copy(two_layer_config)
         cfg.parallel_config = copy.copy(two_layer_config.parallel_config)
-        setattr(cfg.parallel_config, attr, 2)
+        for attr, value in values.items():
+            setattr(cfg.parallel_config, attr, value)
+        return cfg
+
+    for attr, what in (("decode_context_parallel_size", "context parallel"),
+                       ("ubatch_size", "micro-batching")):
         with pytest.raises(entropix_engine.EntropixEngineError, match=what):
-            entropix_engine.check(cfg)
+            entropix_engine.check(with_parallel(**{attr: 2}))
+    # Pipeline parallelism runs (the figures travel between stages: attention.py),
+    # except under torchrun's external_launcher, where every stage samples.
+    entropix_engine.check(with_parallel(pipeline_parallel_size=2))
+    with pytest.raises(entropix_engine.EntropixEngineError,
+                       match="pipeline_parallel_size=2.*external_launcher"):
+        entropix_engine.check(with_parallel(pipeline_parallel_size=2,
+                                            distributed_executor_backend="external_launcher"))
     entropix_engine.check(two_layer_config)
 
 
