@@ -13,7 +13,8 @@ engine). Wrappers time, per decode step (steps with as many rows as requests):
 
 * ``sample``: the whole ``EntropixSamplerV1.sample`` call (stock rows: vLLM's
   ``Sampler.sample``, which it calls);
-* its parts: ``batch`` (the rows' slots and settings), ``noise``, ``prev_is_cot``,
+* its parts: ``batch`` (the rows' slots and settings), ``gather`` (the rows'
+  coefficient table on the device), ``noise``, ``prev_is_cot``,
   ``attn lookup`` (the sampler's read of the captured figures), ``step``
   (``entropix_step``: the kernels; on CPU their compute), ``trace`` (the hand-off
   to the trace writer thread, with ``--trace``);
@@ -126,7 +127,8 @@ def main(argv=None):
     t.wrap(Cls, "_prev_is_cot", "prev_is_cot", restore)
     t.wrap(attention, "attention_stats_for_sampler", "attn lookup", restore)
     t.wrap(mrv1.entropix_step_mod, "entropix_step", "step", restore)
-    t.wrap(Cls, "_trace", "trace", restore)
+    t.wrap(sampler.runtime, "trace_rows", "trace", restore)
+    t.wrap(sampler.rows, "gather", "gather", restore)
     t.wrap(attention._Capture, "on_forward", "capture", restore)
     # kernel time: the resolved implementations, wrapped where ops looks them up
     orig_impl = ops._implementation
@@ -179,8 +181,8 @@ def main(argv=None):
         for owner, attr, orig in reversed(restore):
             setattr(owner, attr, orig)
 
-    cols = ["sample", "kernels", "host", "batch", "noise", "prev_is_cot", "attn lookup", "step",
-            "trace", "capture", "capture kernels"]
+    cols = ["sample", "kernels", "host", "batch", "gather", "noise", "prev_is_cot", "attn lookup",
+            "step", "trace", "capture", "capture kernels"]
     dev = (torch.cuda.get_device_name(0) if cuda else
            f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
            f"{torch.get_num_threads()} torch threads")
