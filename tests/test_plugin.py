@@ -164,3 +164,38 @@ def test_requests_that_need_mrv2_are_refused_naming_why(vllm_config, monkeypatch
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
     assert engine.v2_refusal(vllm_config, "prompt_logprob_token_ids", vllm_v2=True) is None
 
+
+
+def test_check_workers_names_workers_without_the_plugin():
+    """The engine core asks every worker, once they are built, whether the
+    plugin built its runner (a Ray node without the package, or with it only on
+    its path, would otherwise sample with vLLM's sampler, silently)."""
+    from types import SimpleNamespace as NS
+
+    from entropix_vllm.integration import engine, patches, vllm_api
+
+    class Executor:
+        def __init__(self, answer, sampler="entropix"):
+            self.vllm_config = NS(additional_config={"sampler": sampler})
+            self.answer, self.calls = answer, 0
+
+        def collective_rpc(self, fn):
+            self.calls += 1
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return [fn(w) for w in self.answer]
+
+    ours = NS(model_runner=NS(_entropix_runtime=object()))
+    stock = NS(model_runner=NS())
+    engine.check_workers(Executor([ours, ours]))
+    with pytest.raises(engine.EntropixEngineError, match=r"not loaded in worker\(s\) \[1\] of 2"):
+        engine.check_workers(Executor([ours, stock]))
+    with pytest.raises(engine.EntropixEngineError,
+                       match="some workers .ModuleNotFoundError: No module named 'entropix_vllm'"):
+        engine.check_workers(Executor(ModuleNotFoundError("No module named 'entropix_vllm'")))
+    plain = Executor([stock], sampler="default")
+    engine.check_workers(plain)                 # not an Entropix engine: nothing asked
+    assert plain.calls == 0
+    # Bound to every executor once the plugin is registered.
+    plugin.register()
+    assert patches.patched(vllm_api.executor_cls().get_kv_cache_specs)

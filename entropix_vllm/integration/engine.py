@@ -230,6 +230,44 @@ def v2_refusal(vllm_config, what: str, vllm_v2: Optional[bool] = None) -> Option
 
 
 # ----------------------------------------------------------------------------
+# Every worker runs the plugin (clusters: Ray workers, other nodes)
+# ----------------------------------------------------------------------------
+def worker_runs_entropix(worker) -> bool:
+    """In a worker (``collective_rpc``): its model runner was built by the
+    plugin (an Entropix runtime is attached)."""
+    runner = getattr(worker, "model_runner", None)
+    return getattr(runner, "_entropix_runtime", None) is not None
+
+
+def check_workers(executor) -> None:
+    """In the engine core, once the workers are built (``patches.apply_worker_check``):
+    an Entropix engine whose workers do not all run the plugin stops here,
+    naming them. vLLM loads the plugin in each worker through its
+    ``vllm.general_plugins`` entry point; a node (a Ray worker) whose Python
+    lacks the installed package, or has it only on its path (Ray's
+    ``py_modules`` / ``working_dir``, no entry point), would otherwise sample
+    with vLLM's own sampler, silently."""
+    if not entropix_enabled(getattr(executor, "vllm_config", None)):
+        return
+    why = None
+    try:
+        states = executor.collective_rpc(worker_runs_entropix)
+    except Exception as e:  # noqa: BLE001 - e.g. the package not importable there
+        states, why = None, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    missing = ([i for i, ok in enumerate(states) if not ok] if states is not None else None)
+    if states is not None and not missing:
+        return
+    ranks = "some workers" if missing is None else f"worker(s) {missing} of {len(states)}"
+    raise EntropixEngineError(
+        f"The Entropix sampler (--sampler entropix) is not loaded in {ranks}"
+        f"{f' ({why})' if why else ''}: install entropix-vllm into the Python environment "
+        "of every node (the same image everywhere, or Ray's runtime_env 'pip' with the "
+        "package); vLLM loads it through its vllm.general_plugins entry point, which "
+        "py_modules / working_dir do not provide, and VLLM_PLUGINS, if set, must name "
+        "'entropix'")
+
+
+# ----------------------------------------------------------------------------
 # Worker start-up
 # ----------------------------------------------------------------------------
 def worker_hooks():

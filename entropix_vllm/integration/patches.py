@@ -26,6 +26,7 @@ MRV2 ``GPUModelRunner.__init__``,             :func:`apply_runner` (``RUNNERS[1]
 module name ``Sampler`` while ``load_model``
 builds it
 MRV1 / MRV2 ``GPUModelRunner.execute_model``  :func:`apply_runner` (pipeline stages)
+``Executor.get_kv_cache_specs``              :func:`apply_worker_check`
 MRV1 runner ``_bookkeeping_sync`` (instance)  :func:`apply_mrv1_rewind_guard`
 ``v1.sample.sampler.mixed_sample_eligible``   :func:`apply_mrv1_fused_sample_guard`
 (0.33)
@@ -358,6 +359,20 @@ def apply_runner(spec: RunnerSpec, hooks: WorkerHooks) -> bool:
         wrap(cls, spec.build_method, make_build, f"{path}.{spec.build_method}")
     wrap(cls, "initialize_kv_cache", make_kv, f"{path}.initialize_kv_cache")
     return True
+
+
+def apply_worker_check(check: Callable) -> None:
+    """``Executor.get_kv_cache_specs`` (the engine core's first call to its
+    workers once they are built, every executor) calls ``check(executor)``
+    first (``engine.check_workers``: every worker runs the plugin)."""
+    def make(orig):
+        def get_kv_cache_specs(self, *args, **kwargs):
+            check(self)
+            return orig(self, *args, **kwargs)
+        return get_kv_cache_specs
+
+    wrap(vllm_api.executor_cls(), "get_kv_cache_specs", make,
+         "vllm.v1.executor.abstract:Executor.get_kv_cache_specs")
 
 
 def discarded_rows(runner):

@@ -67,6 +67,7 @@ def apply_patches() -> None:
         lambda config: v2_refusal(config, "a beam search with allowed_token_ids"))
     patches.apply_quiet_stream_refusals(QuietRefusals)
     patches.apply_mrv1_fused_sample_guard(_entropix_sampling)
+    patches.apply_worker_check(engine.check_workers)
     hooks = engine.worker_hooks()
     for spec in patches.RUNNERS:
         patches.apply_runner(spec, hooks)

@@ -214,6 +214,18 @@ INTERNALS: Tuple[Internal, ...] = (
        "its (skipped) warm-up run (make_pp_receive_buffer)"),
     _i("vllm.model_executor.models.interfaces:_MakeEmptyIntermediateTensors.__call__",
        "method", "its call", ("self", "batch_size", "dtype", "device"), positional=True),
+    # -- executor (patches.apply_worker_check) --------------------------------
+    _i("vllm.v1.executor.abstract:Executor", "class",
+       "every executor (uniproc, mp, ray): the engine core's view of its workers"),
+    _i("vllm.v1.executor.abstract:Executor.get_kv_cache_specs", "method",
+       "wrapped: first asks every worker whether it runs the plugin (engine.check_workers)",
+       ("self",), positional=True),
+    _i("vllm.v1.executor.abstract:Executor.collective_rpc", "method",
+       "a function of ours run in every worker", ("self", "method", "timeout", "args"),
+       positional=True),
+    _i("vllm.v1.executor.abstract:Executor.vllm_config", "attribute", "the engine's"),
+    _i("vllm.v1.worker.gpu_worker:Worker.model_runner", "attribute",
+       "a worker's runner (carries the Entropix runtime when the plugin built it)"),
     # -- MRV1: runner and sampler (mrv1.py, patches.apply_runner) --------------
     _i(f"{_MRV1}:Sampler", "name", "rebound to EntropixSamplerV1 while __init__ runs"),
     _i(f"{_MRV1}:GPUModelRunner", "class", "wrapped (the CPU runner subclasses it)"),
@@ -455,6 +467,10 @@ def layer_index(layer_name: str) -> int:
         return int(_load("vllm.model_executor.models.utils:extract_layer_index")(layer_name))
     except AssertionError as e:
         raise ValueError(str(e)) from None
+
+
+def executor_cls():
+    return _load("vllm.v1.executor.abstract:Executor")
 
 
 def intermediate_tensors_cls():
