@@ -49,6 +49,21 @@ def test_sampler_flag_reaches_additional_config():
     assert ea.additional_config["sampler"] == "entropix"
 
 
+def test_sampler_flag_reaches_processes_started_from_the_parsed_arguments():
+    """`vllm serve --data-parallel-size N` starts more API servers from the parsed
+    arguments; they build engine arguments before loading any plugin (vLLM's
+    own from_cli_args, unwrapped): the sampler must be in those arguments."""
+    from entropix_vllm.integration import patches
+
+    args = _parse(["--model", "m", "--sampler", "entropix",
+                   "--additional-config.entropix.attn_layer=3"])
+    AsyncEngineArgs.from_cli_args(args)             # the parent (plugin loaded)
+    unwrapped = patches.original(AsyncEngineArgs, "from_cli_args")
+    child = unwrapped(AsyncEngineArgs, args)         # a child without the plugin yet
+    assert child.additional_config["sampler"] == "entropix"
+    assert int(child.additional_config["entropix"]["attn_layer"]) == 3
+
+
 def test_sampler_flag_rejects_bad_values_and_conflicts():
     with pytest.raises(SystemExit):
         _parse(["--model", "m", "--sampler", "entropx"])

@@ -106,6 +106,12 @@ def sampler_flag_into(engine_args, args):
                              f"sampler={ac['sampler']!r}; give one of them")
         ac["sampler"] = chosen
         engine_args.additional_config = ac
+        # The parsed arguments too: processes vLLM starts later from them build
+        # their engine arguments before any plugin is loaded there (the extra API
+        # servers of `vllm serve --data-parallel-size N`, which would otherwise
+        # not know the engine runs Entropix and refuse its request keys).
+        if hasattr(args, "additional_config"):
+            args.additional_config = dict(ac)
     return engine_args
 
 
