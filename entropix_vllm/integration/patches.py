@@ -344,7 +344,8 @@ def apply_runner(spec: RunnerSpec, hooks: WorkerHooks) -> bool:
 
     def make_exec(orig):
         def execute_model(self, scheduler_output, intermediate_tensors=None, *args, **kwargs):
-            if getattr(self, "_entropix_runtime", None) is None or hooks.pipeline_step is None:
+            if (getattr(self, "_entropix_runtime", None) is None or hooks.pipeline_step is None
+                    or kwargs.get("dummy_run")):   # MRV2's warm-up runs: nothing is sent
                 return orig(self, scheduler_output, intermediate_tensors, *args, **kwargs)
             if intermediate_tensors is not None and spec.module == vllm_api.MRV1:
                 vllm_api.make_pp_receive_buffer(self)

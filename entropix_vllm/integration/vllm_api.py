@@ -292,8 +292,9 @@ INTERNALS: Tuple[Internal, ...] = (
        "wrapped: the capture's buffers once the KV cache is bound (attention.prepare)",
        ("self", "kv_cache_config", "is_profiling"), positional=True),
     _i(f"{_MRV2}:GPUModelRunner.execute_model", "method",
-       "wrapped: pipeline stages carry the attention figures (attention.pipeline_step)",
-       ("self", "scheduler_output", "intermediate_tensors"), positional=True),
+       "wrapped: pipeline stages carry the attention figures (attention.pipeline_step); "
+       "its warm-up runs (dummy_run=True, by name) pass untouched",
+       ("self", "scheduler_output", "intermediate_tensors", "dummy_run"), positional=True),
     _i(f"{_MRV2}:GPUModelRunner.sampler", "attribute", "the built sampler"),
     _i(f"{_MRV2_SAMPLER}:Sampler", "class", "subclassed: EntropixSamplerV2"),
     _i(f"{_MRV2_SAMPLER}:Sampler.__init__", "method", "inherited constructor",
