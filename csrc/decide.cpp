@@ -36,7 +36,7 @@ namespace entropix {
 namespace {
 
 // Column order of the `columns` argument: entropix_vllm/contract.py's
-// DECIDE_COLUMNS, whose short names these are (tests/test_contract.py reads
+// DECIDE_COLUMNS, whose short names these are (tests/kernels/test_contract.py reads
 // this enum and compares).
 enum Col : int {
   T0, P0, K0, M0, LE, ME, HE, LV, HV,
@@ -46,11 +46,11 @@ enum Col : int {
   NUM_COLS
 };
 
-// contract.ARGMAX ... contract.ADAPTIVE (compared by tests/test_contract.py).
+// contract.ARGMAX ... contract.ADAPTIVE (compared by tests/kernels/test_contract.py).
 enum Branch : int64_t { ARGMAX = 0, INSERT_COT = 1, EXPLORE = 2, RESAMPLE = 3, ADAPTIVE = 4 };
 
 // Clamps of the drawn parameters: contract.TOP_P_MIN, TOP_P_MAX, MIN_P_MIN,
-// MIN_P_MAX, as float32 (compared by tests/test_contract.py).
+// MIN_P_MAX, as float32 (compared by tests/kernels/test_contract.py).
 constexpr float kTopPMin = 1e-6f;
 constexpr float kTopPMax = 1.0f;
 constexpr float kMinPMin = 0.0f;

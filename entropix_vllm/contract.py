@@ -13,7 +13,7 @@ else of the package):
   columns are :class:`~entropix_vllm.config.EntropixConfig`'s fields in field
   order, and :data:`DECIDE_COLUMNS`, the columns the decision reads, in the
   order of the C++ op's ``columns`` argument (its ``Col`` enum in
-  ``csrc/decide.cpp``; ``tests/test_contract.py`` compares the two) and of
+  ``csrc/decide.cpp``; ``tests/kernels/test_contract.py`` compares the two) and of
   the Triton kernel's ``I_<short name>`` launch constants;
 * the clamps applied to the drawn parameters before the draw
   (:data:`TOP_P_MIN` ...), which the C++ op hard-codes

@@ -5,7 +5,7 @@ to drain (a host sync); a copy from pinned memory with ``non_blocking=True``
 does not. Every host value the Entropix step sends to the device each step
 (row settings, masks, trace row indices) goes through :func:`to_device` or
 :func:`copy_to_device`; the
-sync test (``tests/test_sync_free.py``) counts copies made anywhere else.
+sync test (``tests/e2e/test_sync_free.py``) counts copies made anywhere else.
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@
 #   A (concurrent, ~100-180 s): every engine builds and warms up in its own process group
 #              (each concurrency it will be timed at, twice); the platform probe (vLLM on
 #              CUDA, plugin found by vLLM's loader, probe ok); the Triton kernel tests
-#              (tests/test_triton_logit_stats.py, test_candidate_sampling.py, test_decide.py,
-#              test_triton_attn_stats.py and any tests/test_*launch*|*recompil*|*graph*.py;
+#              (tests/kernels/test_triton_logit_stats.py, test_candidate_sampling.py, test_decide.py,
+#              test_triton_attn_stats.py and any tests/**/test_*launch*|*recompil*|*graph*.py;
 #              pytest -x -n 4 --timeout 120, the whole run boxed at 120 s); engines not ready
 #              within 240 s are killed (FAIL, with vLLM's root cause from the engine's log)
 #   engines:   plain (VLLM_PLUGINS=""), off (plugin, sampler off), ent (Entropix, MRV1),

@@ -1,6 +1,6 @@
 """Start and stop real ``vllm serve`` processes for the end-to-end tests.
 
-Used by ``tests/test_e2e_server.py``; importable on its own for manual runs::
+Used by ``tests/e2e/test_e2e_server.py``; importable on its own for manual runs::
 
     from e2e_server import ServerSpec, start_servers, stop_all   # tests/ on sys.path
     servers = start_servers([ServerSpec("E", ["--sampler", "entropix"])], model, "/tmp/logs")

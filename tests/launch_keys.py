@@ -1,5 +1,5 @@
 """Triton's specialisation key of every kernel launch the public launchers make,
-computed without a GPU (run as a script by ``tests/test_launch_keys.py``).
+computed without a GPU (run as a script by ``tests/kernels/test_launch_keys.py``).
 
 Triton compiles a kernel once per key; a key that changes from one decode step
 to the next is a recompilation on the GPU. This script, in its own process

@@ -7,7 +7,7 @@ is a multiple of 16 bytes, and, for every int argument, whether it equals 1
 (then it becomes a constant) or is a multiple of 16 (unless the argument is
 listed in ``do_not_specialize``). A decode step that changes any of these
 compiles the kernel again (tens to hundreds of milliseconds on the GPU). So
-every launcher here keeps to three rules (``tests/test_launch_keys.py``
+every launcher here keeps to three rules (``tests/kernels/test_launch_keys.py``
 computes Triton's own keys of every launch and checks them):
 
 1. An int argument that carries a per-step value (the batch size, a split

@@ -610,7 +610,7 @@ class Check:
         if self.a.tests:
             return self.a.tests.split()
         if self.cpu:
-            return ["tests/test_contract.py"]
+            return ["tests/kernels/test_contract.py"]
         import glob
 
         # found anywhere under tests/ (the suite is moving into layer folders)

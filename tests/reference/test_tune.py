@@ -2,7 +2,7 @@
 space, candidate coefficients and the objective (``entropix_vllm.tune``).
 The whole tuner against a real server is what made the shipped preset
 (``benchmarks/RESULTS.md``); its eval harness is tested end to end in
-``tests/test_eval_e2e.py``."""
+``tests/e2e/test_eval_e2e.py``."""
 
 import random
 

@@ -26,7 +26,7 @@ from entropix_vllm.reference import BRANCH_NAMES, select_branch
 from entropix_vllm.report.reader import TraceFormatError, read_trace, recompute_branches
 from entropix_vllm.trace import RECORD_FIELDS, TENSOR_FIELDS, TraceWriter
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULTS = EntropixConfig()
 THRESHOLDS = {k: getattr(DEFAULTS, k) for k in
               ("low_ent_thresh", "med_ent_thresh", "high_ent_thresh",

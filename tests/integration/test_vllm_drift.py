@@ -33,7 +33,7 @@ pytest.importorskip("vllm")
 
 from entropix_vllm.integration import patches, vllm_api, vllm_source  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WHEEL_DIR = ROOT / ".cache" / "vllm-wheels"
 NEXT = "0.33.0"
 # pip's words when it cannot reach the index (no network, proxy, DNS).

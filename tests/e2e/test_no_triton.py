@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # tests/
 NO_TRITON = HERE / "no_triton"
 OUR_CODE = ("entropix_vllm", "triton_kernels")
 

@@ -61,7 +61,7 @@ Awaiting a GPU build of vLLM (not exercised here):
   through the real runner;
 * tensor parallelism on MRV2 (the same tokens on every rank);
 * vLLM 0.33 run (its source is checked against every internal used here by
-  ``tests/test_vllm_drift.py``).
+  ``tests/integration/test_vllm_drift.py``).
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -107,7 +108,7 @@ def test_mrv2_sampler_on_vllm_classes_in_child_process():
     env[CHILD_ENV] = "1"
     if not HAS_CUDA:
         env["TRITON_INTERPRET"] = "1"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cmd = [sys.executable, "-m", "pytest", f"{os.path.abspath(__file__)}::TestMRV2Sampler",
            "-q", "-rs", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning"]
     r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)

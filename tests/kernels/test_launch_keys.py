@@ -44,7 +44,7 @@ try:  # the recorder needs Triton's CUDA backend classes (no GPU)
 except ImportError as e:  # pragma: no cover - another Triton layout
     pytest.skip(f"Triton internals the recorder uses are missing: {e}", allow_module_level=True)
 
-PROBE = Path(__file__).with_name("launch_keys.py")
+PROBE = Path(__file__).resolve().parents[1] / "launch_keys.py"
 ROOT = PROBE.parent.parent
 
 #: Kernels allowed more than one key over B = 1..256 (per configuration).

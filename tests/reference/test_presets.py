@@ -48,7 +48,7 @@ def test_classic_is_spec_defaults_and_what_auto_falls_back_to():
     assert DEFAULT_PRESET == "classic" and "classic" in presets
     assert presets["classic"].config() == EntropixConfig()
     # No preset named: auto, which is classic when no served model is known (here:
-    # none is given; tests/test_model_id.py gives real ones).
+    # none is given; tests/reference/test_model_id.py gives real ones).
     eng = engine({})
     assert eng.sampler == EntropixConfig() and eng.options.preset == "classic"
     assert eng.preset_reason.startswith("auto, the default: no served model to identify")

@@ -24,7 +24,7 @@ import torch
 from entropix_vllm import contract, ops
 from entropix_vllm.config import EntropixConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DECIDE_CPP = ROOT / "csrc" / "decide.cpp"
 DECIDE_TRITON = ROOT / "triton_kernels" / "entropix_decide.py"
 

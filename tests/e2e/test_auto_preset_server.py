@@ -254,7 +254,7 @@ def test_bad_preset_files_stop_start_up(ctx, tmp_path):
     cases = [(f"preset={bad}", ("additional_config.entropix.preset", "match.weights",
                                 "64 lowercase hex digits")),
              (f"presets={named}", ("additional_config.entropix.presets", "'auto' is reserved"))]
-    # (An unknown engine preset name: tests/test_eval_e2e.py.) Both at once.
+    # (An unknown engine preset name: tests/e2e/test_eval_e2e.py.) Both at once.
 
     def start(case):
         flag, _ = case
