@@ -227,7 +227,9 @@ class EntropixRuntime:
         rows with the engine's settings; the result is dropped), once: vLLM's
         memory profile then counts the step's peak, and its kernels are compiled
         before the first request (for the whole batch and for one row: the
-        logit statistics' two launch layouts). A failure is logged, not raised:
+        logit statistics' two launch layouts). Its noise is constant (ones):
+        the warm-up moves no random generator, so the first real step draws
+        what it would have drawn without it. A failure is logged, not raised:
         the step would fall back to vLLM's sampler at run time."""
         if self._warmed:
             return
@@ -240,8 +242,7 @@ class EntropixRuntime:
             for rows in sorted({logits.shape[0], 1}, reverse=True):
                 x = logits[:rows].float()
                 table = step.coefficient_table([cfg] * rows, x.device)
-                noise = torch.empty(rows, cfg.n_adaptive_samples, K_MAX,
-                                    device=x.device).exponential_()
+                noise = torch.ones(rows, cfg.n_adaptive_samples, K_MAX, device=x.device)
                 cot = torch.full((rows,), self.cot_token_id, dtype=torch.int64, device=x.device)
                 step.entropix_step(x, None, table, cot,
                                    torch.zeros(rows, dtype=torch.bool, device=x.device), noise)

@@ -624,6 +624,17 @@ class TestMRV2Sampler:
             assert audit.ours() == [], [str(e) for e in audit.ours()]
             assert audit.ops > 10
 
+    def test_warm_up_moves_no_random_generator(self):
+        """The start-up warm-up (the step on dummy logits) leaves the default
+        generator where it was: the first real step draws the same noise with
+        or without it (an unseeded row's tokens depend on that)."""
+        h = Harness()
+        rng_state = torch.cuda.get_rng_state if HAS_CUDA else torch.get_rng_state
+        state = rng_state()
+        h.runtime.warm_up(_logits(["random"] * 4, seed=1).to(DEV))
+        assert h.runtime.warmed_rows == [4, 1]
+        assert torch.equal(rng_state(), state)
+
     # -- MRV1 (EntropixSamplerV1 on a real MRV1 InputBatch) ---------------------------
     def test_mrv1_entropix_rows_equal_entropix_step_and_stock_rows_vllms(self):
         reqs = [("e0", PROMPT, SamplingParams(seed=31)),
