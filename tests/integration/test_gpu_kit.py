@@ -108,7 +108,7 @@ def test_engine_kwargs_graphs_are_valid_for_vllm(tmp_path):
     EngineArgs(**kw)  # every key is an engine argument
 
 
-def test_engine_kwargs_token_prompts_and_entropix_section():
+def test_engine_kwargs_token_prompts_and_entropix_section(tmp_path):
     from entropix_vllm.config import EngineConfig
 
     spec = dict(model_dir=str(tmp_path), device="cuda", token_prompts=True, entropix=True, cot_token=2564,
