@@ -124,17 +124,22 @@ def show(title, r, t):
         sys.exit("empty answer")
 
 
+# Both timed requests have the same shape. vLLM's first request with logprobs pays a
+# one-off cost of a few seconds (stock rows too); a 1-token request takes it untimed.
+LOGPROBS, IDS = dict(logprobs=True, top_logprobs=2), {"return_token_ids": True}
+client.chat.completions.create(model=name, messages=messages, max_tokens=1, temperature=0,
+                               extra_body=IDS, **LOGPROBS)
+
 print(f"\nPrompt: {prompt}\n")
 t = time.time()
 greedy = client.chat.completions.create(
-    model=name, messages=messages, max_tokens=max_tokens, temperature=0,
-    extra_body={"vllm_xargs": {"entropix": False}})         # vLLM's own sampler, greedy
+    model=name, messages=messages, max_tokens=max_tokens, temperature=0, **LOGPROBS,
+    extra_body={**IDS, "vllm_xargs": {"entropix": False}})  # vLLM's own sampler, greedy
 show("Stock greedy (vLLM's sampler, temperature 0)", greedy, t)
 
 t = time.time()
 ent = client.chat.completions.create(                          # the server's Entropix default
-    model=name, messages=messages, max_tokens=max_tokens, seed=seed, logprobs=True,
-    top_logprobs=2, extra_body={"return_token_ids": True})
+    model=name, messages=messages, max_tokens=max_tokens, seed=seed, extra_body=IDS, **LOGPROBS)
 show(f"Entropix (preset {preset}, seed {seed})", ent, t)
 
 # This answer's records in the trace (written by a background thread of the worker).
