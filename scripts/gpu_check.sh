@@ -42,7 +42,9 @@
 #              (extra_args {"entropix": false}) of one engine back to back, alternating order;
 #              off vs plain alternately; then in prof: torch.profiler over 16 decode steps
 #              of 64 requests (Entropix rows, then stock rows: top CPU/GPU costs, syncs and
-#              copies per step), torch.cuda.set_sync_debug_mode("warn") over 8 steps (a second
+#              copies per step); seeded Entropix requests (8 x 24 tokens) on ent twice and on
+#              ent and ent2: the same ids (same_seed:*, MRV1 vs MRV2 for issue 18);
+#              torch.cuda.set_sync_debug_mode("warn") over 8 steps (a second
 #              sync count, with where), Triton compiles while a batch shrinks 64 -> 1.
 #              Acceptance jobs first, coverage after; what does not fit is skipped, saying so
 #   C (~100 s): engines stopped; bench_sampler (--device cuda, batch 1/64/256, vocab

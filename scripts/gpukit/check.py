@@ -200,6 +200,11 @@ def make_plan(mode: str, kit: str, work: str):
             jobs.append({"kind": "cross", "engines": [a, b], "modes": list(modes), "conc": conc,
                          "tokens": tok, "rep": rep, "prio": prio})
 
+    def same(a, b, prio="accept"):  # seeded Entropix requests: the same ids on both engines
+        if a in have and b in have:
+            jobs.append({"kind": "same", "engines": [a, b], "conc": 4 if cpu else 8,
+                         "tokens": 8 if cpu else 24, "prio": prio})
+
     def cmd(kind, e, prio="accept", **kw):
         if e in have:
             jobs.append({"kind": kind, "engine": e, "prio": prio, **kw})
@@ -235,6 +240,8 @@ def make_plan(mode: str, kit: str, work: str):
     pair("g1", c1, 1)
     cross("g1", "goff", c1, 1, modes=("entropix", "plain"))
     pair("lent2", chigh, 0)
+    same("ent", "ent")   # seeded requests repeat on one engine
+    same("ent", "ent2")  # ... and give the same tokens under MRV1 and MRV2 (issue 18)
     if cpu:
         pair("ent", c1, 0)
         pair("ent", c1, 1)
@@ -764,6 +771,8 @@ class Check:
                 need = sum(self.est(ids[0], job["conc"], m, job["tokens"]) for m in modes)
             elif job["kind"] == "cross":
                 need = sum(self.est(i, job["conc"], m, job["tokens"]) for i, m in zip(ids, job["modes"]))
+            elif job["kind"] == "same":
+                need = sum(self.est(i, job["conc"], "entropix", job["tokens"]) for i in ids)
             else:
                 need = {"profile": 45.0, "syncdebug": 15.0, "ramp": 60.0}[job["kind"]] * (0.5 if self.cpu else 1)
             keep = reserve_end + (self.cfg["bench_reserve"] if job["prio"] == "cover" else 0)
@@ -781,6 +790,8 @@ class Check:
                     pairs.reverse()
                 for e, m in pairs:
                     self.gen(e, job["conc"], job["tokens"], m, j, job["rep"])
+            elif job["kind"] == "same":
+                self.same_tokens(engs, job)
             else:
                 e = engs[0]
                 box = ({"profile": 240, "syncdebug": 240, "ramp": 240} if self.cpu else
@@ -800,6 +811,31 @@ class Check:
                 + ", ".join(f"{jb['kind']}:{jb.get('engine') or '/'.join(jb['engines'])}@{jb.get('conc')}" for jb in skipped))
         self.figures_and_verdicts()
         self.write()
+
+    def same_tokens(self, engs, job):
+        """One seeded call on each engine; the ids compared request by request."""
+        ids, errors = [], []
+        for e in engs:
+            timeout = min(self.cfg["gen_timeout"], max(10.0, self.left() - 15))
+            r = e.ask({"op": "seeded", "conc": job["conc"], "tokens": job["tokens"]}, timeout)
+            ids.append(r.get("ids") if r.get("ok") else None)
+            if not r.get("ok"):
+                errors.append(f"{e.id}: {r.get('error')}")
+        res = {"kind": "same", "engines": [e.id for e in engs], "conc": job["conc"],
+               "tokens": job["tokens"], "ok": not errors}
+        if errors:
+            res["error"] = "; ".join(errors)
+        else:
+            a, b = ids
+            res["identical"] = sum(x == y for x, y in zip(a, b))
+            res["requests"] = len(a)
+            first = [(i, next((k for k, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y))))
+                     for i, (x, y) in enumerate(zip(a, b)) if x != y]
+            res["first_difference"] = first[0] if first else None  # (request, token index)
+        self.commands.append(res)
+        say(f"  same seeds {'/'.join(res['engines'])} conc {job['conc']} x {job['tokens']}: "
+            + (f"{res['identical']} of {res['requests']} requests identical" if res["ok"]
+               else f"FAILED {res['error']}"))
 
     # -- figures ---------------------------------------------------------------
     def best(self, eid, conc, mode):
@@ -904,6 +940,8 @@ class Check:
             v = "PASS" if meas_ok and not bad else ("FAIL" if bad else "SKIP")
             self.verdict("measure", v, f"{len(meas_ok)} timed generate calls ok, {len(bad)} failed, "
                                        f"{len(skipped)} jobs skipped for the budget")
+        if self.want("engines"):
+            self.same_verdict()
         for kind in ("profile", "syncdebug", "ramp"):
             if not self.want(kind) or not self.want("engines"):
                 continue
@@ -922,6 +960,29 @@ class Check:
             else:
                 self.verdict(kind, "PASS" if not (kind == "syncdebug" and self.cpu) else "PASS",
                              self.command_detail(kind, rs))
+
+    def same_verdict(self):
+        """``same_seed:<a>_<b>``, one per ``same`` job: seeded Entropix requests give the
+        same ids on engines a and b (one engine twice; MRV1 and MRV2)."""
+        for jb in (jb for jb in self.jobs if jb["kind"] == "same"):
+            stage = "same_seed:" + "_".join(jb["engines"])
+            rs = [c for c in self.commands if c["kind"] == "same" and c["engines"] == jb["engines"]]
+            if not rs:
+                down = [f"{e.id} {e.state}" + (f": {str(e.error)[:160]}" if e.error else "")
+                        for e in map(self.by_id, jb["engines"]) if e and e.state != "ready"]
+                # (an engine that did not come up has its own engine: verdict)
+                self.verdict(stage, "SKIP", jb.get("skipped") or "; ".join(dict.fromkeys(down))
+                             or "not run")
+                continue
+            r = rs[-1]
+            if not r["ok"]:
+                self.verdict(stage, "FAIL", r["error"])
+                continue
+            first = r["first_difference"]
+            self.verdict(stage, "PASS" if r["identical"] == r["requests"] else "FAIL",
+                         f"{r['identical']} of {r['requests']} seeded Entropix requests x {r['tokens']} tokens "
+                         f"identical" + (f"; first difference at request {first[0]}, token {first[1]}"
+                                         if first else ""))
 
     def command_detail(self, kind, rs):
         by = {c.get("mode"): c for c in rs}

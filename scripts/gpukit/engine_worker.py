@@ -102,13 +102,13 @@ def make_prompts(spec: dict, n: int):
     return [f"Write a short story about {TOPICS[i % len(TOPICS)]} (variant {i})." for i in range(n)]
 
 
-def sampling_params(spec: dict, tokens: int, mode: str):
+def sampling_params(spec: dict, tokens: int, mode: str, seed=None):
     """Entropix rows: the engine's default (Entropix on); stock rows: ``extra_args=
     {"entropix": False}``; ``plain``: no extra arguments (engines without Entropix)."""
     from vllm import SamplingParams
 
     extra = {"entropix": False} if mode == "stock" else None
-    return SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=1.0,
+    return SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=1.0, seed=seed,
                           detokenize=not spec.get("token_prompts"), extra_args=extra)
 
 
@@ -208,6 +208,15 @@ class Worker:
                 "tokens": ntok, "seconds": round(dt, 4), "tok_s": round(ntok / dt, 2) if dt > 0 else None,
                 "complete": ntok == conc * tokens, "top_token": top[0],
                 "top_token_share": round(top[1] / ntok, 4) if ntok else None}
+
+    def seeded(self, conc: int, tokens: int, mode: str = "entropix") -> dict:
+        """Token ids of ``conc`` seeded requests (seed 1000 + i) decoded together: the
+        same call on another engine (MRV2, say) must give the same ids."""
+        prompts = make_prompts(self.spec, conc)
+        sps = [sampling_params(self.spec, tokens, mode, seed=1000 + i) for i in range(conc)]
+        outs = self.llm.generate(prompts, sps, use_tqdm=False)
+        return {"conc": conc, "tokens_per_request": tokens, "mode": mode,
+                "ids": [list(o.outputs[0].token_ids) for o in outs]}
 
     def _engine(self):
         import vllm.envs as envs
@@ -441,6 +450,7 @@ def serve(w: Worker) -> None:
         "profile": lambda c: w.profile(int(c["conc"]), int(c.get("steps", 16)), int(c.get("warm", 4)), c["mode"]),
         "syncdebug": lambda c: w.syncdebug(int(c["conc"]), int(c.get("steps", 8)), int(c.get("warm", 4)), c["mode"]),
         "ramp": lambda c: w.ramp(int(c["conc"]), c["mode"]),
+        "seeded": lambda c: w.seeded(int(c["conc"]), int(c["tokens"]), c.get("mode", "entropix")),
         "info": lambda c: w.describe(),
     }
     for line in sys.stdin:

@@ -540,6 +540,7 @@ def test_cpu_rehearsal_of_the_device_check(tmp_path):
     rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| ([a-z_0-9:]+) \| ([A-Z]+) \|", md, re.M)}
     expect = {"setup": "SKIP", "platform": "PASS", "tests": "PASS", "engine:plain": "PASS",
               "engine:ent": "PASS", "engine:ent2": "SKIP", "engine:prof": "PASS", "measure": "PASS",
+              "same_seed:ent_ent": "PASS", "same_seed:ent_ent2": "SKIP",
               "profile": "PASS", "syncdebug": "PASS", "ramp": "PASS", "bench_sampler": "PASS",
               "bench_logit_stats": "PASS", "bench_attn_stats": "PASS"}
     assert {k: rows.get(k) for k in expect} == expect, md + r.stdout[-3000:] + r.stderr[-3000:]
@@ -558,3 +559,33 @@ def test_cpu_rehearsal_of_the_device_check(tmp_path):
     files = sorted(os.listdir(out))
     assert len(files) <= 8 and {"summary.md", "results.json", "check.log", "profile.txt"} <= set(files)
     assert sum((out / f).stat().st_size for f in files) < 2 * 2 ** 20
+
+
+def test_same_seed_verdicts(tmp_path):
+    c = _fake_check(tmp_path)
+    same = [jb for jb in c.jobs if jb["kind"] == "same"]
+    assert [jb["engines"] for jb in same] == [["ent", "ent"], ["ent", "ent2"]]
+    ids = [[5, 6, 7, 8]] * 8
+    changed = [list(x) for x in ids]
+    changed[3][2] = 9
+    c.commands.append({"kind": "same", "engines": ["ent", "ent"], "conc": 8, "tokens": 4, "ok": True,
+                       "identical": 8, "requests": 8, "first_difference": None})
+    c.figures_and_verdicts()
+    assert c.stages["same_seed:ent_ent"]["verdict"] == "PASS"
+    assert "8 of 8" in c.stages["same_seed:ent_ent"]["detail"]
+    assert c.stages["same_seed:ent_ent2"]["verdict"] == "SKIP"  # not run: nothing to compare
+    # the comparison itself, as same_tokens makes it from the two engines' replies
+    replies = iter([{"ok": True, "ids": ids}, {"ok": True, "ids": changed}])
+
+    class E:
+        def __init__(self, eid):
+            self.id = eid
+
+        def ask(self, cmd, timeout):
+            assert cmd["op"] == "seeded" and timeout > 0
+            return next(replies)
+
+    c.same_tokens([E("ent"), E("ent2")], same[1])
+    c.figures_and_verdicts()
+    v = c.stages["same_seed:ent_ent2"]
+    assert v["verdict"] == "FAIL" and "7 of 8" in v["detail"] and "request 3, token 2" in v["detail"]
