@@ -63,16 +63,21 @@ KIT_PACKAGES = (
 
 def read_pins(path: str = PINS_FILE) -> dict:
     """{normalised name: version} of the ``name==version`` lines of ``scripts/pins.txt``."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
     pins = {}
     with open(path) as f:
-        for ln in f:
-            ln = ln.strip()
+        for ln in (ln.strip() for ln in f):
             if not ln or ln.startswith("#"):
                 continue
-            m = re.fullmatch(r"([A-Za-z0-9._-]+)==([A-Za-z0-9._+!-]+)", ln)
-            if not m:
+            try:
+                req = Requirement(ln)
+            except InvalidRequirement:
+                req = None
+            spec = list(req.specifier) if req else []
+            if len(spec) != 1 or spec[0].operator != "==":
                 raise SystemExit(f"[gpu_kit] BUILD FAILED: {path}: not a name==version pin: {ln!r}")
-            pins[norm(m.group(1))] = m.group(2)
+            pins[norm(req.name)] = spec[0].version
     return pins
 
 

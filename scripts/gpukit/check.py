@@ -829,9 +829,10 @@ class Check:
             a, b = ids
             res["identical"] = sum(x == y for x, y in zip(a, b))
             res["requests"] = len(a)
-            first = [(i, next((k for k, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y))))
-                     for i, (x, y) in enumerate(zip(a, b)) if x != y]
-            res["first_difference"] = first[0] if first else None  # (request, token index)
+            # (request, token index) of the first difference, None when all are identical
+            res["first_difference"] = next(
+                ((i, next((k for k, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y))))
+                 for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
         self.commands.append(res)
         say(f"  same seeds {'/'.join(res['engines'])} conc {job['conc']} x {job['tokens']}: "
             + (f"{res['identical']} of {res['requests']} requests identical" if res["ok"]
